@@ -1,0 +1,22 @@
+# One image for worker, beat and Flower (compose.yaml's x-app anchor).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    CONVEYOR_HEALTH_DIR=/tmp/conveyor-health \
+    CONVEYOR_BEAT_SCHEDULE_FILE=/var/lib/conveyor/celerybeat-schedule
+
+RUN useradd --create-home --uid 10001 conveyor \
+    && mkdir -p /var/lib/conveyor \
+    && chown conveyor /var/lib/conveyor
+
+WORKDIR /app
+COPY pyproject.toml README.md celeryconfig.py ./
+COPY tasks ./tasks
+COPY workers ./workers
+RUN pip install .
+
+# Celery refuses nothing as root, but a task should never run with root's rights.
+USER conveyor
+CMD ["celery", "-A", "tasks", "worker", "--loglevel=INFO"]

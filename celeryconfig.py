@@ -1,0 +1,180 @@
+"""Every Celery setting Conveyor uses, with the reason for each non-obvious value.
+
+Any plain setting can be overridden from the environment as ``CELERY_<NAME>`` (for example
+``CELERY_WORKER_CONCURRENCY=4`` or ``CELERY_TASK_TIME_LIMIT=600``); values are parsed as JSON
+when they parse, otherwise taken as strings. The broker and result-backend URLs have their own
+variables below. See docs/configuration.md for the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kombu import Exchange, Queue
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, default)
+    if not value.strip():
+        # An empty URL must not silently become something else (Celery would fall back to
+        # its own defaults, and some projects fall back to eager mode). Fail at import.
+        raise RuntimeError(f"{name} is set but empty; give a URL or unset it for the default")
+    return value
+
+
+# --- Broker and result backend -------------------------------------------------------------
+broker_url = _env("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+result_backend = _env("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+
+#: Never run tasks in the calling process: a missing broker must be an error, not a fallback.
+task_always_eager = False
+
+# --- Serialization: JSON only ----------------------------------------------------------------
+# Pickle lets anyone who can publish run code in the worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# --- Delivery guarantees -----------------------------------------------------------------------
+task_acks_late = True  # ack after the task returns, so a crash mid-task redelivers it ...
+task_reject_on_worker_lost = True  # ... and requeue if its pool process dies (celery#1628)
+worker_prefetch_multiplier = 1  # one reserved message per process: no task waits behind a slow one
+#: A task that raised is finished; redelivering it would only repeat the failure. Retries are
+#: explicit (autoretry_for / self.retry), bounded by max_retries.
+task_acks_on_failure = True
+task_acks_on_timeout = True
+#: Stop running acks_late tasks when the broker connection is lost: their ack cannot reach the
+#: broker any more, so the broker redelivers them anyway (the 6.0 default).
+worker_cancel_long_running_tasks_on_connection_loss = True
+#: Shown as STARTED in Flower and AsyncResult.state while running.
+task_track_started = True
+
+# --- Queues: quorum, delivery-limited, dead-lettered --------------------------------------------
+#: Deliveries before RabbitMQ dead-letters a message. RabbitMQ 3.10 quorum queues have no
+#: default limit, so a task that kills its process would loop forever. Broker restarts and
+#: lost connections also count, so this leaves room for a few of those before poison.
+conveyor_delivery_limit = int(os.environ.get("CONVEYOR_DELIVERY_LIMIT", "10"))
+conveyor_task_exchange = "conveyor"
+conveyor_dead_letter_exchange = "conveyor.dlx"
+conveyor_dead_letter_queue = "conveyor.dead_letter"
+#: Task queues. `priority` is for urgent work: quorum queues have no message priority on 3.10,
+#: so urgency is a separate queue that dedicated workers serve (see compose.yaml).
+conveyor_queue_names = ("default", "batch", "scheduled", "priority")
+
+_task_exchange = Exchange(conveyor_task_exchange, type="topic", durable=True)
+_queue_arguments: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": conveyor_delivery_limit,
+    "x-dead-letter-exchange": conveyor_dead_letter_exchange,
+    # At-least-once dead-lettering (3.10+): the broker keeps a message until the dead-letter
+    # queue has confirmed it, instead of dropping it if that hop fails. It requires
+    # reject-publish overflow; no max-length is set, so nothing is rejected for length.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+task_queues = tuple(
+    Queue(name, _task_exchange, routing_key=name, queue_arguments=_queue_arguments, durable=True)
+    for name in conveyor_queue_names
+)
+task_default_queue = "default"
+task_default_routing_key = "default"
+task_default_exchange = conveyor_task_exchange
+#: Topic, not Celery's default direct: native delayed delivery (countdown/ETA held by the
+#: broker in celery_delayed_* queues, never by the worker) only works with non-direct exchanges.
+task_default_exchange_type = "topic"
+task_default_queue_type = "quorum"
+#: Only the queues above exist; a typo in a route must fail, not create a stray classic queue.
+task_create_missing_queues = False
+#: Routing lives here, not in decorators: the task name's domain picks the queue.
+task_routes = {
+    "batch.*": {"queue": "batch"},
+    "schedule.*": {"queue": "scheduled"},
+    "urgent.*": {"queue": "priority"},
+}
+
+# --- Publishing: confirmed and bounded ---------------------------------------------------------
+#: Publisher confirms: delay() returns only after the broker has taken the message
+#: (celery#5410: without confirms a publish can vanish silently).
+broker_transport_options: dict[str, Any] = {"confirm_publish": True}
+task_publish_retry = True
+#: About 3 s of retrying a lost connection, then the caller gets OperationalError.
+task_publish_retry_policy = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
+#: Seconds a publish may wait for a socket write and for the broker's confirm
+#: (memory/disk alarms block publishers: celery#2689). Applied by tasks.base.Task.
+conveyor_publish_timeout = float(os.environ.get("CONVEYOR_PUBLISH_TIMEOUT", "10"))
+broker_connection_timeout = 4
+#: Waiting for a pooled producer connection is bounded too (celery#9259).
+broker_pool_acquire_timeout = 10
+#: Workers keep reconnecting for as long as the broker is away: they must resume by
+#: themselves when it comes back. Producers are bounded by the publish retry policy instead.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+#: Heartbeats detect a half-open connection (a frozen broker) in about 2 x 30 s.
+broker_heartbeat = 30
+
+# --- Time limits -------------------------------------------------------------------------------
+#: RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min by
+#: default), which kills a Celery worker. Both limits sit below it.
+task_soft_time_limit = 1500  # 25 min: the task gets SoftTimeLimitExceeded and can clean up
+task_time_limit = 1620  # 27 min: the pool process is killed
+
+# --- Worker process --------------------------------------------------------------------------
+#: Pool processes per worker; None means one per CPU.
+worker_concurrency: int | None = None
+#: Replace a pool process after a task leaves it above this (KiB): leaks cannot grow forever.
+worker_max_memory_per_child = 512_000
+#: On SIGTERM/SIGQUIT, running tasks get this long to finish before they are requeued.
+#: compose.yaml's stop_grace_period is longer.
+worker_soft_shutdown_timeout = 20.0
+worker_enable_soft_shutdown_on_idle = True
+#: Conveyor configures logging itself (workers/logging.py).
+worker_hijack_root_logger = False
+
+# --- Results -----------------------------------------------------------------------------------
+result_expires = 86_400  # 1 day; results are for reading back, not for keeping
+result_extended = True  # keep task name, args and queue with the result for operators
+#: Redis briefly away must not turn results into silent None (celery#8588); the bound keeps
+#: the retries well under consumer_timeout.
+result_backend_always_retry = True
+result_backend_max_retries = 10
+#: Chord bookkeeping must outlive the longest batch, or its body never runs.
+result_chord_expires = 7 * 86_400
+
+# --- Events and remote control (Flower, inspect) ------------------------------------------------
+worker_send_task_events = True
+task_send_sent_event = True
+#: Beat answers `celery inspect ping` as celerybeat@<host>, which its healthcheck uses.
+beat_enable_remote_control = True
+beat_schedule_filename = os.environ.get("CONVEYOR_BEAT_SCHEDULE_FILE", "celerybeat-schedule")
+
+# --- Time ----------------------------------------------------------------------------------------
+timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")
+enable_utc = True
+
+
+def _apply_environment_overrides() -> None:
+    """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""
+    namespace = globals()
+    for key, value in list(namespace.items()):
+        if key.startswith("_") or not key.islower():
+            continue
+        if value is not None and not isinstance(value, str | int | float | bool | list | dict):
+            continue
+        raw = os.environ.get(f"CELERY_{key.upper()}")
+        if raw is None or key in ("broker_url", "result_backend"):
+            continue
+        try:
+            namespace[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            namespace[key] = raw
+
+
+_apply_environment_overrides()

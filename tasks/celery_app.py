@@ -1,0 +1,14 @@
+"""Creates the Celery app. Domain modules import `app` from here, never the other way round."""
+
+from celery import Celery
+
+import workers
+
+app = Celery(
+    "tasks",
+    # Strings, so that this module never imports the domain modules (no import cycle).
+    include=["tasks.webhooks"],
+    task_cls="tasks.base:Task",
+)
+app.config_from_object("celeryconfig")
+workers.install(app)

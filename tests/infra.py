@@ -1,0 +1,231 @@
+"""Real infrastructure for the tests: private RabbitMQ and Redis nodes and worker processes.
+
+Nodes are started from the installed binaries on free loopback ports, so a test can stop, kill
+or freeze them without touching the machine's own services.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from port_for import get_port
+from pytest_rabbitmq.factories.executor import RabbitMqExecutor
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RABBITMQ_BIN = Path(os.environ.get("CONVEYOR_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip on a laptop without the service; under CI a missing service is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll until predicate() is truthy and return it; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class RabbitNode:
+    """A private RabbitMQ node with its own config file, data directory and ports."""
+
+    def __init__(self, workdir: Path, *, consumer_timeout_ms: int = 1_800_000) -> None:
+        require(
+            (RABBITMQ_BIN / "rabbitmq-server").exists(),
+            f"rabbitmq-server not found in {RABBITMQ_BIN} (apt-get install rabbitmq-server)",
+        )
+        self.port = get_port(None)
+        self.dist_port = get_port(None, [self.port])
+        self.node_name = f"conveyor-test-{self.port}@localhost"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "rabbitmq.conf"
+        # The machine's /etc/rabbitmq config pins 5672; a private file replaces it.
+        config.write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+            f"consumer_timeout = {consumer_timeout_ms}\n"
+            "loopback_users = none\n"
+        )
+        (workdir / "plugins").write_text("[].\n")
+        env_file = workdir / "rabbitmq-env.conf"
+        env_file.write_text("")
+        self.executor = RabbitMqExecutor(
+            str(RABBITMQ_BIN / "rabbitmq-server"),
+            "127.0.0.1",
+            self.port,
+            self.dist_port,
+            str(RABBITMQ_BIN / "rabbitmqctl"),
+            logpath=workdir / "logs",
+            path=workdir,
+            plugin_path=workdir,
+            node_name=self.node_name,
+        )
+        self.executor._envvars.update(
+            {
+                "RABBITMQ_CONFIG_FILE": str(config),
+                "RABBITMQ_CONF_ENV_FILE": str(env_file),
+                "RABBITMQ_NODENAME": self.node_name,
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            }
+        )
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> RabbitNode:
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        self.executor.stop()
+
+    def ctl(self, *args: str) -> str:
+        return self.executor.rabbitctl_output("-n", self.node_name, *args)
+
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """name -> {"type", "arguments", "messages"} from rabbitmqctl."""
+        import json
+
+        out = self.ctl(
+            "list_queues", "name", "type", "arguments", "messages", "--formatter", "json"
+        )
+        rows = json.loads(out)
+        return {
+            row["name"]: {
+                "type": row["type"],
+                # rabbitmqctl's JSON gives arguments as [name, type, value] triples.
+                "arguments": {name: value for name, _type, value in row["arguments"]},
+                "messages": row["messages"],
+            }
+            for row in rows
+        }
+
+
+def compose_command(service: str) -> list[str]:
+    """The command compose.yaml runs for `service`: tests run exactly this, plus test flags."""
+    spec = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    command = spec["services"][service]["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+@dataclass
+class WorkerProcess:
+    """A real `celery -A tasks worker` process, started with compose.yaml's worker command."""
+
+    broker_url: str
+    result_backend: str
+    workdir: Path
+    name: str = "worker"
+    concurrency: int = 2
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    service: str = "worker"
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.node = f"{self.name}-{os.getpid()}@localhost"
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.health_dir = self.workdir / "health"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        command = compose_command(self.service)
+        assert command[0] == "celery"
+        celery = str(Path(sys.executable).with_name("celery"))
+        return [
+            celery,
+            *command[1:],
+            f"--hostname={self.node}",
+            "--include=tests.worker_tasks",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CELERY_BROKER_URL": self.broker_url,
+            "CELERY_RESULT_BACKEND": self.result_backend,
+            "CELERY_WORKER_CONCURRENCY": str(self.concurrency),
+            "CONVEYOR_HEALTH_DIR": str(self.health_dir),
+            "PYTHONPATH": str(ROOT),
+            **self.env,
+        }
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        from workers.health import check
+
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: (
+                self._exited_early()
+                or check("ready", self.node, 60, directory=self.health_dir) is None
+            ),
+            timeout,
+            what=f"worker {self.node} to become ready (log: {self.log_path})",
+        )
+        return self
+
+    def _exited_early(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+        return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker and its pool processes, as an OOM killer or a crash would."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 40) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+
+def redis_server_available() -> bool:
+    return shutil.which("redis-server") is not None

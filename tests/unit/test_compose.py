@@ -1,0 +1,73 @@
+"""compose.yaml is validated statically (no Docker engine here) and agrees with the Procfile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import yaml
+
+from tests.infra import ROOT, compose_command, require
+
+REQUIRED = {"RABBITMQ_USER": "conveyor", "RABBITMQ_PASSWORD": "pw", "FLOWER_BASIC_AUTH": "a:b"}
+
+
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    require(shutil.which("docker-compose") is not None, "docker-compose not installed")
+    clean = {k: v for k, v in os.environ.items() if k not in REQUIRED}
+    return subprocess.run(
+        ["docker-compose", "--project-directory", str(ROOT), "-f", "compose.yaml", "config"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_compose_file_validates() -> None:
+    done = compose_config(REQUIRED)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"rabbitmq", "redis", "worker", "worker_priority", "beat", "flower"} <= set(services)
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+    for name in ("worker", "worker_priority", "beat", "flower"):
+        conditions = {dep["condition"] for dep in services[name]["depends_on"].values()}
+        assert conditions == {"service_healthy"}, name
+
+
+def test_compose_refuses_to_start_without_its_secrets() -> None:
+    done = compose_config({})
+    assert done.returncode != 0
+    assert "RABBITMQ" in done.stderr
+
+
+def test_compose_never_uses_the_guest_account() -> None:
+    assert "guest" not in (ROOT / "compose.yaml").read_text()
+
+
+def test_every_variable_compose_reads_is_listed_in_env_example() -> None:
+    import re
+
+    used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "compose.yaml").read_text()))
+    listed = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert used <= listed, f"missing from .env.example: {sorted(used - listed)}"
+
+
+def test_the_procfile_runs_the_same_commands_as_compose() -> None:
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    for service in ("worker", "worker_priority", "beat"):
+        assert procfile[service].split() == compose_command(service), service
+
+
+def test_the_worker_serves_every_task_queue() -> None:
+    from tasks import app
+
+    command = compose_command("worker")
+    queues = next(arg for arg in command if arg.startswith("--queues=")).split("=", 1)[1]
+    assert set(queues.split(",")) == {queue.name for queue in app.conf.task_queues}
+    assert yaml.safe_load((ROOT / "compose.yaml").read_text())["x-app"]["image"]

@@ -1,0 +1,17 @@
+"""Worker-side runtime: signal handlers and bootsteps. Never imports `tasks`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+
+def install(app: Celery) -> None:
+    """Attach Conveyor's worker hooks to `app`; called once by tasks.celery_app."""
+    # Imported here so that `python -m workers.health` does not import itself twice.
+    from workers import dead_letter, health, logs, shutdown
+
+    logs.connect()
+    shutdown.connect()
+    app.steps["consumer"].add(dead_letter.DeclareDeadLetterQueue)
+    app.steps["consumer"].add(health.ReadinessProbe)
+    app.steps["worker"].add(health.LivenessProbe)
