@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from tasks.batch import handlers
-from tasks.batch.handlers import Aggregate, ItemError, TransientItemError
+from tasks.batch.handlers import Aggregate, ItemError, TransientItemError, WriteFiles
 from tasks.celery_app import app
 
 
@@ -18,12 +18,24 @@ def _ledger() -> redis.Redis:
     return redis.Redis.from_url(os.environ["CONVEYOR_TEST_LEDGER_URL"], decode_responses=True)
 
 
+def _slowly(options: dict[str, Any], key: str) -> None:
+    """Take `delay` seconds, so that a test can act mid-batch; count runs if asked to."""
+    time.sleep(float(options.get("delay", 0.002)))
+    if options.get("count_runs"):
+        _ledger().incr(f"runs:{key}")
+
+
 @handlers.register("tests.slow_aggregate")
 class SlowAggregate(Aggregate):
-    """Aggregate, taking `delay` seconds per item, so that a test can act mid-batch."""
-
     def process(self, item: Any, key: str) -> Any:
-        time.sleep(float(self.options.get("delay", 0.002)))
+        _slowly(self.options, key)
+        return super().process(item, key)
+
+
+@handlers.register("tests.slow_write_files")
+class SlowWriteFiles(WriteFiles):
+    def process(self, item: Any, key: str) -> Any:
+        _slowly(self.options, key)
         return super().process(item, key)
 
 

@@ -46,11 +46,24 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def _wait(app: Any, batch_id: str, show_progress: bool) -> Status:
+    """Wait for the end; progress goes to stderr: a live bar on a terminal, else a line a second."""
     if not show_progress:
         return api.wait(batch_id, app=app)
+    err = click.get_text_stream("stderr")
+    if not err.isatty():
+
+        def report(current: Status) -> None:
+            done = current.succeeded + current.failed + current.skipped
+            click.echo(
+                f"batch {batch_id}: {done}/{current.total} {current.state} "
+                f"({current.items_per_second or 0} items/s)",
+                err=True,
+            )
+
+        return api.wait(batch_id, app=app, interval=1.0, on_status=report)
     first = api.status(batch_id, app=app)
     with click.progressbar(
-        length=max(first.total, 1), label=f"batch {batch_id}", show_pos=True, file=None
+        length=max(first.total, 1), label=f"batch {batch_id}", show_pos=True, file=err
     ) as bar:
         done = 0
 

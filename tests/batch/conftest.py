@@ -32,17 +32,23 @@ def batch_worker_process(
     )
 
 
+@pytest.fixture(scope="session")
+def batch_app(conveyor_app: Any) -> Any:
+    """The project's app, with the test handlers known to the producer (it validates names)."""
+    import tests.batch_handlers  # noqa: F401
+
+    return conveyor_app
+
+
 @pytest.fixture(scope="module")
 def batch_worker(
     tmp_path_factory: pytest.TempPathFactory,
-    conveyor_app: Any,
+    batch_app: Any,
     broker_url: str,
     result_backend: str,
     ledger_url: str,
 ) -> Iterator[WorkerProcess]:
     """A real worker (2 pool processes) shared by the tests of one module."""
-    import tests.batch_handlers  # noqa: F401  the producer validates handler names too
-
     process = batch_worker_process(
         tmp_path_factory.mktemp("batch-worker"), broker_url, result_backend, ledger_url, "batch"
     ).start()
