@@ -7,6 +7,7 @@ the configured app through ``ctx.obj.app``. Every sub-command takes ``--json``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _wait(app: Any, batch_id: str, show_progress: bool) -> Status:
     """Wait for the end; progress goes to stderr: a live bar on a terminal, else a line a second."""
     if not show_progress:
         return api.wait(batch_id, app=app)
-    err = click.get_text_stream("stderr")
+    err = sys.stderr
     if not err.isatty():
 
         def report(current: Status) -> None:

@@ -79,30 +79,37 @@ def run_chunk(
 
     values: list[Any] = []
     failures: dict[int, dict[str, Any]] = {}
+
+    def fail(offset: int, index: int, error: str, input_error: bool = False) -> None:
+        failures[index] = {
+            "index": index,
+            "line": lines[offset] if lines is not None else None,
+            "error": error,
+            "item": items[offset],
+            "attempt": attempt,
+            "input_error": input_error,
+        }
+
+    bad = {int(offset): error for offset, error in errors.items()}
+    # The loop is the hot path of every batch: nothing in it that a trivial item can't afford.
     for offset, item in enumerate(items):
-        index = indices[offset] if indices is not None else start + offset
-        error = errors.get(str(offset)) or setup_error
-        input_error = str(offset) in errors
-        if not error and handler is not None:
-            key = f"{batch_id}:{index}"
+        index = start + offset if indices is None else indices[offset]
+        if bad and offset in bad:
+            fail(offset, index, bad[offset], input_error=True)
+            continue
+        if handler is None:
+            fail(offset, index, setup_error)
+            continue
+        key = f"{batch_id}:{index}"
+        try:
+            values.append(handler.process(item, key))
+        except handler.transient:
             try:
-                values.append(handler.process(item, key))
-            except handler.transient:
-                try:
-                    values.append(_retrying(handler, item, key, item_attempts, backoff))
-                except Exception as exc:
-                    error = describe(exc)
+                values.append(_retrying(handler, item, key, item_attempts, backoff))
             except Exception as exc:
-                error = describe(exc)
-        if error:
-            failures[index] = {
-                "index": index,
-                "line": lines[offset] if lines is not None else None,
-                "error": error,
-                "item": item,
-                "attempt": attempt,
-                "input_error": input_error,
-            }
+                fail(offset, index, describe(exc))
+        except Exception as exc:
+            fail(offset, index, describe(exc))
     partial = None
     if handler is not None and values:
         partial = handler.combine(values)
