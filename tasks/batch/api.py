@@ -159,7 +159,8 @@ def _publish(
     ) as publisher:
         for start, items, extras in chunks:
             args = [batch_id, attempt, published, start, items, extras]
-            publisher.send(process_chunk, args, f"{batch_id}.{attempt}.{published}")
+            shown = f"({batch_id!r}, {attempt}, {published}, {start}, <{len(items)} items>)"
+            publisher.send(process_chunk, args, f"{batch_id}.{attempt}.{published}", shown)
             published += 1
             count += len(items)
             if published % 50 == 0:

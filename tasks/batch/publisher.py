@@ -69,10 +69,20 @@ class ConfirmedPublisher:
         self._nacked += 1
         self._on_ack(tag, multiple)
 
-    def send(self, task: Any, args: list[Any], task_id: str) -> None:
-        """Publish one task message; waits only when too many are unconfirmed."""
+    def send(self, task: Any, args: list[Any], task_id: str, argsrepr: str) -> None:
+        """Publish one task message; waits only when too many are unconfirmed.
+
+        `argsrepr` is what Flower and the logs show for the arguments: Celery would otherwise
+        walk the whole chunk to build it, which costs more than serialising it.
+        """
         task.apply_async(
-            args, task_id=task_id, producer=self.producer, retry=False, ignore_result=True
+            args,
+            task_id=task_id,
+            producer=self.producer,
+            retry=False,
+            ignore_result=True,
+            argsrepr=argsrepr,
+            kwargsrepr="{}",
         )
         self.wait(self.max_unconfirmed)
 
