@@ -32,7 +32,7 @@ import redis
 
 PREFIX = "conveyor:batch:"
 
-#: Final states: nothing changes them except a retry (completed_with_failures) .
+#: Final states: only a retry (of completed_with_failures) leaves one.
 FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
 
 # Shared by the scripts below: ready to finalize = the attempt is fully published, every item

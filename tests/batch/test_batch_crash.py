@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,18 @@ from tests.infra import wait_for
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def kill_mid_batch(
+    batch_app: Any, tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str
+) -> Callable[[str], Any]:
+    """Run a submitted batch on a worker killed (SIGKILL, whole group) mid-batch, then on a
+    new worker; returns the final status."""
+    return partial(_kill_mid_batch, tmp_path, broker_url, result_backend, ledger_url)
+
+
 def _kill_mid_batch(
-    batch_id: str, tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str
+    tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str, batch_id: str
 ) -> Any:
-    """Kill the worker's whole process group mid-batch, start a new one, wait for the end."""
     first = batch_worker_process(
         tmp_path / "first", broker_url, result_backend, ledger_url, "doomed"
     ).start()
@@ -39,12 +49,7 @@ def _kill_mid_batch(
 
 
 def test_a_worker_killed_mid_batch_changes_nothing_in_the_final_numbers(
-    batch_app: Any,
-    tmp_path: Path,
-    broker_url: str,
-    result_backend: str,
-    ledger_url: str,
-    ledger: redis.Redis,
+    kill_mid_batch: Callable[[str], Any], ledger: redis.Redis
 ) -> None:
     # Given a batch of 3,000 items in 60 chunks, submitted before any worker runs
     rows = make_rows(3_000, seed=13)
@@ -57,7 +62,7 @@ def test_a_worker_killed_mid_batch_changes_nothing_in_the_final_numbers(
     )
 
     # When the worker is killed (SIGKILL, whole group) mid-batch and another takes over
-    final = _kill_mid_batch(batch_id, tmp_path, broker_url, result_backend, ledger_url)
+    final = kill_mid_batch(batch_id)
 
     # Then some items really ran twice (the killed chunks were redelivered) ...
     runs = [int(v) for v in ledger.mget([f"runs:{batch_id}:{i}" for i in range(3_000)])]
@@ -73,12 +78,7 @@ def test_a_worker_killed_mid_batch_changes_nothing_in_the_final_numbers(
 
 
 def test_side_effects_keyed_on_the_idempotency_key_happen_once_despite_a_kill(
-    batch_app: Any,
-    tmp_path: Path,
-    broker_url: str,
-    result_backend: str,
-    ledger_url: str,
-    ledger: redis.Redis,
+    kill_mid_batch: Callable[[str], Any], tmp_path: Path, ledger: redis.Redis
 ) -> None:
     # Given a batch that writes one file per item
     out = tmp_path / "out"
@@ -90,7 +90,7 @@ def test_side_effects_keyed_on_the_idempotency_key_happen_once_despite_a_kill(
         options={"delay": 0.003, "count_runs": True, "directory": str(out)},
     )
 
-    final = _kill_mid_batch(batch_id, tmp_path, broker_url, result_backend, ledger_url)
+    final = kill_mid_batch(batch_id)
 
     # Then items ran twice, but each file exists once, whole, with its item
     runs = [int(v) for v in ledger.mget([f"runs:{batch_id}:{i}" for i in range(2_000)])]
