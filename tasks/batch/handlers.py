@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -176,8 +175,8 @@ class WriteFiles(Handler):
     """Writes each item as JSON to ``<directory>/<batch id>-<index>.json``, exactly once.
 
     Option ``directory`` (required). The file name is the idempotency key, and the file appears
-    by an atomic rename of a complete temporary file, so a redelivered chunk finds the file
-    and writes nothing, and no reader ever sees a half-written one. Result:
+    by an atomic rename of a complete, fsynced temporary file, so a redelivered chunk finds the
+    file and writes nothing, and no reader ever sees a half-written one. Result:
     ``{"written": n, "existing": m}`` (existing counts items a previous delivery wrote).
     """
 
@@ -189,18 +188,22 @@ class WriteFiles(Handler):
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def process(self, item: Any, key: str) -> bool:
-        path = self.directory / f"{key.replace(':', '-')}.json"
+        name = f"{key.replace(':', '-')}.json"
+        path = self.directory / name
         if path.exists():
             return False
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        # The temporary name is the key's too: a delivery killed mid-write leaves a partial
+        # temporary file that the redelivery overwrites and renames, so no debris piles up.
+        tmp = self.directory / f".{name}.tmp"
         try:
-            with os.fdopen(fd, "w") as out:
+            with tmp.open("w") as out:
                 json.dump(item, out, sort_keys=True)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except FileNotFoundError:
+            if path.exists():  # a concurrent duplicate delivery renamed the same content first
+                return False
             raise
         return True
 

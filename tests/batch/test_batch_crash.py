@@ -95,9 +95,10 @@ def test_side_effects_keyed_on_the_idempotency_key_happen_once_despite_a_kill(
     # Then items ran twice, but each file exists once, whole, with its item
     runs = [int(v) for v in ledger.mget([f"runs:{batch_id}:{i}" for i in range(2_000)])]
     assert max(runs) >= 2, "no chunk was redelivered: the kill came too late to test anything"
-    files = sorted(out.glob("*.json"))
+    files = sorted(out.glob("[!.]*.json"))
     assert len(files) == 2_000
-    assert not list(out.glob(".tmp-*"))
+    # A write cut short by the kill was redone under the same temporary name: no debris
+    assert not list(out.glob(".*.tmp"))
     for n in (0, 999, 1_999):
         assert json.loads((out / f"{batch_id}-{n}.json").read_text()) == {"n": n}
     assert final.state == "completed"
