@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,35 @@ def test_failures_cancel_and_retry_answer_in_json(
 
     missing = celery_batch(broker_url, result_backend, "submit", "nope", str(path))
     assert missing.returncode == 2 and "unknown batch handler 'nope'" in missing.stderr
+
+
+def test_submit_wait_draws_a_progress_bar_on_a_terminal(
+    batch_worker: WorkerProcess, tmp_path: Path, broker_url: str, result_backend: str
+) -> None:
+    # Given a terminal on stderr (a pseudo-terminal the test reads)
+    path = write_csv(tmp_path / "records.csv", make_rows(2_000, seed=2))
+    controller, terminal = pty.openpty()
+    celery = str(Path(sys.executable).with_name("celery"))
+    env = {**os.environ, "CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": result_backend}
+    argv = [celery, "-A", "tasks", "batch", "submit", "aggregate", str(path), "--wait"]
+    argv += ["--chunk-size", "100"]
+    with subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=terminal, text=True
+    ) as process:
+        os.close(terminal)
+        stdout, _ = process.communicate(timeout=120)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's last writer is gone and everything was read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(controller)
+
+    # Then the bar was drawn in place and reached the total; the result went to stdout
+    assert process.returncode == 0
+    assert b"2000/2000" in drawn and b"[" in drawn and b"#" in drawn, drawn[-400:]
+    assert "state: completed" in stdout
