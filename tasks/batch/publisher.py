@@ -15,8 +15,6 @@ import time
 from types import TracebackType
 from typing import Any
 
-from kombu import Connection
-
 
 class PublishError(Exception):
     """The broker refused (nacked) a message or did not confirm it in time."""
@@ -32,14 +30,12 @@ class ConfirmedPublisher:
         self.published = 0
         self._unconfirmed: set[int] = set()
         self._nacked = 0
-        conf = app.conf
-        # Heartbeats would need a thread to answer them while a slow input is being read;
-        # without them a dead broker still shows, as a failing publish or confirm timeout.
-        self.connection = Connection(
-            conf.broker_url,
-            heartbeat=0,
-            connect_timeout=conf.broker_connection_timeout,
-            transport_options={**conf.broker_transport_options, "confirm_publish": False},
+        # The app's broker settings (URL, TLS, login, timeouts) with confirms switched to this
+        # class's own handling. Heartbeats would need a thread to answer them while a slow
+        # input is read; without them a dead broker still shows, as a failing publish or a
+        # confirm timeout.
+        self.connection = app.connection_for_write(
+            heartbeat=0, transport_options={"confirm_publish": False}
         )
         channel: Any = self.connection.default_channel  # py-amqp's Channel underneath
         channel.confirm_select()
