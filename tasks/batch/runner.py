@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from tasks.batch import handlers
 from tasks.batch.store import BatchStore
 
@@ -103,6 +105,13 @@ def run_chunk(
         key = f"{batch_id}:{index}"
         try:
             values.append(handler.process(item, key))
+        except SoftTimeLimitExceeded:
+            # The hard limit follows shortly: count what is done, fail the rest (retryable),
+            # rather than lose the whole chunk's outcome to the kill.
+            for rest in range(offset, len(items)):
+                rest_index = start + rest if indices is None else indices[rest]
+                fail(rest, rest_index, "the chunk reached its soft time limit")
+            break
         except handler.transient:
             try:
                 values.append(_retrying(handler, item, key, item_attempts, backoff))

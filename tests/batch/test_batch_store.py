@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.batch import runner
+from tasks.batch import handlers, runner
 from tasks.batch.store import BatchStore
 
 
@@ -77,3 +79,25 @@ def test_every_key_of_a_batch_expires(store: BatchStore) -> None:
     assert len(keys) >= 4
     for key in keys:
         assert 0 < store.redis.ttl(key) <= 3600, key
+
+
+@handlers.register("tests.hits_soft_time_limit")
+class HitsSoftTimeLimit(handlers.Handler):
+    def process(self, item: Any, key: str) -> Any:
+        if item == "slow":
+            raise SoftTimeLimitExceeded()
+        return None
+
+
+def test_a_chunk_at_its_soft_time_limit_counts_what_is_done_and_fails_the_rest(
+    store: BatchStore,
+) -> None:
+    store.create("b2", handler="tests.hits_soft_time_limit", options={}, chunk_size=4,
+                 source="t", callback=None)  # fmt: skip
+    store.mark_published("b2", 1, 4, 1)
+
+    outcome = runner.run_chunk(store, "b2", 1, 0, 0, ["a", "b", "slow", "c"])
+
+    assert (outcome.succeeded, outcome.failed, outcome.ready) == (2, 2, True)
+    reasons = {f["index"]: f["error"] for f in store.failures("b2")}
+    assert reasons == dict.fromkeys([2, 3], "the chunk reached its soft time limit")
