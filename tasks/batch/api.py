@@ -30,6 +30,7 @@ __all__ = [
     "Entry",
     "cancel",
     "failures",
+    "publish_file",
     "read_csv",
     "read_jsonl",
     "retry",
@@ -171,16 +172,16 @@ def _publish(
     return count, published
 
 
-def _start(
+def _create(
     handler: str,
-    chunks: Callable[[int], Iterable[Chunk]],
     *,
     chunk_size: int | None,
     options: Mapping[str, Any] | None,
     callback: str | None,
     source: str,
     app: Any,
-) -> str:
+) -> tuple[Any, BatchStore, str, int]:
+    """Check the handler and options, record a new batch; returns (app, store, id, chunk size)."""
     app = _app(app)
     size = int(chunk_size or app.conf.conveyor_batch_chunk_size)
     if size < 1:
@@ -197,12 +198,26 @@ def _start(
         source=source,
         callback=callback,
     )
-    total, published = _publish(app, store, batch_id, 1, chunks(size))
-    if store.mark_published(batch_id, 1, total, published):
+    return app, store, batch_id, size
+
+
+def _publish_attempt(
+    app: Any,
+    store: BatchStore,
+    batch_id: str,
+    attempt: int,
+    chunks: Iterable[Chunk],
+    *,
+    total: int | None = None,
+) -> int:
+    """Publish an attempt's chunks, then record that it is fully published (and finalize it
+    if the workers are already done); returns how many items were published."""
+    count, published = _publish(app, store, batch_id, attempt, chunks)
+    if store.mark_published(batch_id, attempt, count if total is None else total, published):
         from tasks.batch.tasks import finalize
 
-        finalize.delay(batch_id, 1)
-    return batch_id
+        finalize.delay(batch_id, attempt)
+    return count
 
 
 def submit(
@@ -221,15 +236,16 @@ def submit(
     when every chunk is confirmed by the broker (about a second for 100,000 rows); workers
     start on the first chunks meanwhile.
     """
-    return _start(
+    app, store, batch_id, size = _create(
         handler,
-        lambda size: plain_chunks(items, size),
         chunk_size=chunk_size,
         options=options,
         callback=callback,
         source="iterable",
         app=app,
     )
+    _publish_attempt(app, store, batch_id, 1, plain_chunks(items, size))
+    return batch_id
 
 
 def submit_file(
@@ -240,24 +256,42 @@ def submit_file(
     chunk_size: int | None = None,
     options: Mapping[str, Any] | None = None,
     callback: str | None = None,
+    publish_in_worker: bool = False,
     app: Any = None,
 ) -> str:
     """Submit every row of a CSV file or every line of a JSONL file (streamed), keeping each
-    item's line number for its failure report."""
-    reader = _readers()[file_format(path, format_name)]
+    item's line number for its failure report.
 
-    def chunks(size: int) -> Iterator[Chunk]:
-        return entry_chunks(enumerate(reader(Path(path))), size, contiguous=True)
-
-    return _start(
+    With ``publish_in_worker=True`` it returns the batch id at once and a `batch.publish_file`
+    task reads and publishes the file; the workers must see it at the same path (shared
+    storage). That task may run twice (a worker killed mid-publish): it republishes the same
+    chunks under the same numbers, and the ones already counted are recognised as such.
+    """
+    fmt = file_format(path, format_name)
+    app, _store, batch_id, _size = _create(
         handler,
-        chunks,
         chunk_size=chunk_size,
         options=options,
         callback=callback,
         source=str(path),
         app=app,
     )
+    if publish_in_worker:
+        from tasks.batch.tasks import publish_file as publish_file_task
+
+        publish_file_task.delay(batch_id, str(path), fmt)
+    else:
+        publish_file(batch_id, path, fmt, app=app)
+    return batch_id
+
+
+def publish_file(batch_id: str, path: str | Path, fmt: str, *, app: Any = None) -> int:
+    """Publish a created batch's file input as attempt 1; returns how many items it had."""
+    app = _app(app)
+    store = store_for(app)
+    size = int(store.meta(batch_id)["chunk_size"])
+    entries = enumerate(_readers()[fmt](Path(path)))
+    return _publish_attempt(app, store, batch_id, 1, entry_chunks(entries, size, contiguous=True))
 
 
 def status(batch_id: str, *, app: Any = None) -> Status:
@@ -288,12 +322,8 @@ def retry(batch_id: str, *, app: Any = None) -> int:
             yield int(failure["index"]), Entry(failure["item"], failure.get("line"), error)
 
     chunks = entry_chunks(entries(), int(meta["chunk_size"]), contiguous=False)
-    count, _published = _publish(app, store, batch_id, attempt, chunks)
+    count = _publish_attempt(app, store, batch_id, attempt, chunks, total=int(meta["total"]))
     store.redis.delete(retrying)
-    if store.mark_published(batch_id, attempt, int(meta["total"]), int(meta.get("chunks", 0))):
-        from tasks.batch.tasks import finalize
-
-        finalize.delay(batch_id, attempt)
     return count
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.utils.log import get_task_logger
 
-from tasks.batch import runner
+from tasks.batch import api, runner
 from tasks.batch.store import store_for
 from tasks.celery_app import app
 
@@ -53,3 +53,11 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
     state = runner.run_finalize(store_for(self.app), batch_id, attempt, send_callback)
     logger.info("batch %s attempt %s finalized: %s", batch_id, attempt, state)
     return state
+
+
+@app.task(name="batch.publish_file", bind=True)
+def publish_file(self: Any, batch_id: str, path: str, fmt: str) -> int:
+    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True))."""
+    count = api.publish_file(batch_id, path, fmt, app=self.app)
+    logger.info("batch %s: published %s items from %s", batch_id, count, path)
+    return count

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tasks.batch import api
-from tests.batch.conftest import expected_aggregate, make_rows
+from tests.batch.conftest import expected_aggregate, make_rows, write_csv
 from tests.infra import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
@@ -152,3 +152,18 @@ def test_status_and_failures_are_json_serialisable(batch_worker: WorkerProcess) 
     json.dumps(final.as_dict())
     json.dumps(api.failures(final.id))
     assert final.state == "completed_with_failures"
+
+
+def test_a_file_published_by_a_worker_returns_the_batch_id_at_once(
+    batch_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    rows = make_rows(5_000, seed=21)
+    path = write_csv(tmp_path / "shared.csv", rows)
+
+    batch_id = api.submit_file("aggregate", path, chunk_size=500, publish_in_worker=True)
+    at_once = api.status(batch_id)
+    final = api.wait(batch_id, timeout=120)
+
+    assert at_once.published is False and at_once.succeeded < 5_000
+    assert final.state == "completed" and final.succeeded == 5_000
+    assert final.result == expected_aggregate(rows)
