@@ -160,6 +160,25 @@ timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")
 enable_utc = True
 
 
+# --- Batches (tasks/batch, docs/batch.md) --------------------------------------------------------
+#: Redis holding batch state; None means the result backend's Redis.
+conveyor_batch_redis_url: str | None = None
+#: Batch state expires this long after the batch's last change: longer than the longest batch
+#: (like result_chord_expires), and long enough to read a finished batch's result and failures.
+conveyor_batch_expires = 7 * 86_400
+#: Items per chunk message when the caller gives none: enough to amortize the per-message cost
+#: for real work (docs/batch.md has the figures), small enough that a crash redoes little.
+#: Trivial items go faster with 10,000.
+conveyor_batch_chunk_size = 1000
+#: Chunk messages a producer may have unconfirmed at once: confirms are pipelined, and this
+#: bound makes a slow or blocked broker slow the producer down instead of queueing locally.
+conveyor_batch_max_unconfirmed = 100
+#: Tries of an item that raised a transient error (TransientItemError, ConnectionError,
+#: TimeoutError), with a backoff that starts here and doubles (seconds), before it fails.
+conveyor_batch_item_attempts = 3
+conveyor_batch_item_backoff = 0.2
+
+
 def _apply_environment_overrides() -> None:
     """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""
     namespace = globals()

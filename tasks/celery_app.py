@@ -7,7 +7,7 @@ import workers
 app = Celery(
     "tasks",
     # Strings, so that this module never imports the domain modules (no import cycle).
-    include=["tasks.webhooks"],
+    include=["tasks.webhooks", "tasks.batch.tasks"],
     task_cls="tasks.base:Task",
 )
 app.config_from_object("celeryconfig")

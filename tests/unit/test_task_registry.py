@@ -9,7 +9,12 @@ from tasks import app
 from tests.infra import ROOT
 
 #: Every task a producer may name. Renaming one strands the messages already queued.
-EXPECTED_TASKS = {"webhooks.deliver"}
+EXPECTED_TASKS = {
+    "webhooks.deliver",
+    "batch.process_chunk",
+    "batch.finalize",
+    "batch.publish_file",
+}
 
 
 def project_tasks() -> set[str]:

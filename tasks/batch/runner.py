@@ -1,0 +1,167 @@
+"""What the batch tasks do, as plain functions over a BatchStore (testable without a broker)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from tasks.batch import handlers
+from tasks.batch.store import BatchStore
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    succeeded: int
+    failed: int
+    skipped: int
+    counted: bool  # False when a redelivered chunk found itself already counted
+    ready: bool  # True when the batch is complete and must be finalized
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, handlers.ItemError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _retrying(handler: handlers.Handler, item: Any, key: str, attempts: int, backoff: float) -> Any:
+    """Call process again after a transient error, backing off: backoff, 2*backoff, ..."""
+    for attempt in range(1, attempts):
+        time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            return handler.process(item, key)
+        except handler.transient:
+            continue
+    return handler.process(item, key)
+
+
+def run_chunk(
+    store: BatchStore,
+    batch_id: str,
+    attempt: int,
+    chunk_no: int,
+    start: int,
+    items: Sequence[Any],
+    extras: Mapping[str, Any] | None = None,
+    *,
+    item_attempts: int = 3,
+    backoff: float = 0.1,
+) -> ChunkOutcome:
+    """Process one chunk and count its outcome exactly once.
+
+    Item i of the chunk has index ``extras["indices"][i]`` (retries) or ``start + i``, input
+    line ``extras["lines"][i]`` (file input) and, if the producer could not read it,
+    ``extras["errors"][str(i)]``. Nothing is counted until the end, in one atomic step, so a
+    chunk interrupted half-way counts nothing and its redelivery counts everything once.
+    """
+    extras = extras or {}
+    field = f"{attempt}:{chunk_no}"
+    cancelled, name, options = store.begin_chunk(batch_id)
+    if cancelled:
+        counted, ready = store.record_chunk(
+            batch_id, field, succeeded=0, failed=0, skipped=len(items)
+        )
+        return ChunkOutcome(0, 0, len(items), counted, ready)
+
+    indices: Sequence[int] | None = extras.get("indices")
+    lines: Sequence[int | None] | None = extras.get("lines")
+    errors: Mapping[str, str] = extras.get("errors") or {}
+    handler: handlers.Handler | None = None
+    setup_error = ""
+    try:
+        handler = handlers.get(name)(options)
+    except Exception as exc:
+        # Every item fails with the reason; `batch retry` re-runs them once it is fixed.
+        setup_error = f"handler {name!r} unavailable: {describe(exc)}"
+
+    values: list[Any] = []
+    failures: dict[int, dict[str, Any]] = {}
+
+    def fail(offset: int, index: int, error: str, input_error: bool = False) -> None:
+        failures[index] = {
+            "index": index,
+            "line": lines[offset] if lines is not None else None,
+            "error": error,
+            "item": items[offset],
+            "attempt": attempt,
+            "input_error": input_error,
+        }
+
+    bad = {int(offset): error for offset, error in errors.items()}
+    # The loop is the hot path of every batch: nothing in it that a trivial item can't afford.
+    for offset, item in enumerate(items):
+        index = start + offset if indices is None else indices[offset]
+        if bad and offset in bad:
+            fail(offset, index, bad[offset], input_error=True)
+            continue
+        if handler is None:
+            fail(offset, index, setup_error)
+            continue
+        key = f"{batch_id}:{index}"
+        try:
+            values.append(handler.process(item, key))
+        except SoftTimeLimitExceeded:
+            # The hard limit follows shortly: count what is done, fail the rest (retryable),
+            # rather than lose the whole chunk's outcome to the kill.
+            for rest in range(offset, len(items)):
+                rest_index = start + rest if indices is None else indices[rest]
+                fail(rest, rest_index, "the chunk reached its soft time limit")
+            break
+        except handler.transient:
+            try:
+                values.append(_retrying(handler, item, key, item_attempts, backoff))
+            except Exception as exc:
+                fail(offset, index, describe(exc))
+        except Exception as exc:
+            fail(offset, index, describe(exc))
+    partial = None
+    if handler is not None and values:
+        partial = handler.combine(values)
+    succeeded = len(items) - len(failures)
+    counted, ready = store.record_chunk(
+        batch_id,
+        field,
+        succeeded=succeeded,
+        failed=len(failures),
+        partial=partial,
+        failures=failures,
+    )
+    return ChunkOutcome(succeeded, len(failures), 0, counted, ready)
+
+
+def run_finalize(
+    store: BatchStore,
+    batch_id: str,
+    attempt: int,
+    send_callback: Callable[[str, str], None],
+) -> str:
+    """Reduce and store the result once, then send the user's callback once; returns the state.
+
+    A redelivered finalize finds the attempt finalized and only makes sure the callback was
+    sent. The callback is sent with the id ``<batch id>.callback.<attempt>``: should this
+    process die between sending it and recording that it did, the one extra delivery that
+    follows carries the same id.
+    """
+    meta = store.meta(batch_id)
+    if meta.get("finalized") != str(attempt):
+        try:
+            handler = handlers.get(meta["handler"])(json.loads(meta["options"]))
+            result = handler.reduce(store.iter_partials(batch_id))
+            failed = int(meta["failed"])
+        except Exception as exc:
+            result, failed = {"reduce_error": describe(exc)}, 1
+        state = "completed" if failed == 0 else "completed_with_failures"
+        store.finalize(batch_id, attempt, state, result)
+        meta = store.meta(batch_id)
+    if meta.get("finalized") != str(attempt):
+        return meta.get("state", "running")  # cancelled, or not complete (nothing to do)
+    callback = meta.get("callback")
+    if callback and f"callback_sent:{attempt}" not in meta:
+        send_callback(callback, f"{batch_id}.callback.{attempt}")
+        store.claim_callback(batch_id, attempt)
+    return meta["state"]

@@ -1,0 +1,373 @@
+"""Batch state in Redis: every counter, marker and result a batch has, and nothing elsewhere.
+
+Key layout (``<id>`` is the batch id; every key expires ``conveyor_batch_expires`` seconds
+after the batch's last change, refreshed by each write):
+
+``conveyor:batch:<id>``                   hash: the batch record (handler, options, counters,
+                                          times, state, attempt, ...); see ``Status``
+``conveyor:batch:<id>:done``              hash ``<attempt>:<chunk>`` -> 1: chunks already counted
+``conveyor:batch:<id>:partials``          hash ``<attempt>:<chunk>`` -> JSON: per-chunk map results
+``conveyor:batch:<id>:failures``          hash ``<index>`` -> JSON: failed items of this attempt
+``conveyor:batch:<id>:retrying:<n>``      hash, like failures: the items attempt n re-runs
+``conveyor:batch:<id>:result``            string, JSON: the reduced result once completed
+
+Counting is exactly once because a chunk's outcome is recorded by one Lua script that first
+sets the chunk's "done" marker with HSETNX: a redelivered chunk finds the marker and changes
+nothing. The same holds for finalizing: the script sets ``finalized`` to the attempt number only
+if it is not set yet, so the reduce result and the callback belong to exactly one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis
+
+PREFIX = "conveyor:batch:"
+
+#: Final states: only a retry (of completed_with_failures) leaves one.
+FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
+
+# Shared by the scripts below: ready to finalize = the attempt is fully published, every item
+# of it has an outcome, it is not finalized yet and nobody cancelled the batch.
+_READY = """
+local function ready(meta)
+  local m = redis.call('HMGET', meta, 'attempt', 'published', 'processed', 'total',
+                       'finalized', 'cancelled')
+  if m[6] then return 0 end
+  if m[2] ~= m[1] or m[5] == m[1] then return 0 end
+  if tonumber(m[3] or '0') < tonumber(m[4] or '0') then return 0 end
+  return 1
+end
+local function touch(ttl, ...)
+  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+end
+"""
+
+#: KEYS meta done partials failures; ARGV field succeeded failed skipped partial ttl
+#: then index/json pairs of failures. Returns {counted (0/1), ready (0/1)}.
+_RECORD_CHUNK = (
+    _READY
+    + """
+if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then
+  return {0, ready(KEYS[1])}
+end
+local succeeded, failed, skipped = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'succeeded', succeeded)
+redis.call('HINCRBY', KEYS[1], 'failed', failed)
+redis.call('HINCRBY', KEYS[1], 'skipped', skipped)
+redis.call('HINCRBY', KEYS[1], 'processed', succeeded + failed)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
+touch(tonumber(ARGV[6]), KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return {1, ready(KEYS[1])}
+"""
+)
+
+#: KEYS meta; ARGV attempt total chunks ttl. Returns ready (0/1).
+_MARK_PUBLISHED = (
+    _READY
+    + """
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'published', ARGV[1], 'total', ARGV[2], 'chunks', ARGV[3])
+touch(tonumber(ARGV[4]), KEYS[1])
+return ready(KEYS[1])
+"""
+)
+
+#: KEYS meta result; ARGV attempt state result now ttl. Returns 1 if this call finalized.
+_FINALIZE = (
+    _READY
+    + """
+if ready(KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'finalized', ARGV[1], 'state', ARGV[2], 'finished_at', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[5]))
+touch(tonumber(ARGV[5]), KEYS[1])
+return 1
+"""
+)
+
+#: KEYS meta; ARGV now. Returns {cancelled, handler, options}; notes the batch's start.
+_BEGIN_CHUNK = """
+local m = redis.call('HMGET', KEYS[1], 'cancelled', 'handler', 'options')
+if not m[1] and m[2] then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1]) end
+return {m[1] and 1 or 0, m[2] or '', m[3] or '{}'}
+"""
+
+#: KEYS meta; ARGV now ttl. Returns 1 if this call cancelled the batch.
+_CANCEL = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'handler')
+if not m[2] then return -1 end
+if m[1] then return 0 end
+redis.call('HSET', KEYS[1], 'cancelled', '1', 'state', 'cancelled', 'finished_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+#: KEYS meta failures; ARGV ttl. Starts the next attempt with the failed items: returns
+#: {attempt, retrying key suffix} or {0, reason}.
+_BEGIN_RETRY = """
+local m = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'failed', 'handler')
+if not m[4] then return {0, 'unknown batch'} end
+if m[1] ~= 'completed_with_failures' then
+  return {0, 'only a batch in state completed_with_failures can be retried (state: '
+             .. tostring(m[1] or 'running') .. ')'}
+end
+local attempt = tonumber(m[2]) + 1
+local retrying = KEYS[1] .. ':retrying:' .. attempt
+redis.call('RENAME', KEYS[2], retrying)
+redis.call('HINCRBY', KEYS[1], 'processed', -tonumber(m[3]))
+redis.call('HSET', KEYS[1], 'failed', '0', 'attempt', attempt)
+redis.call('HDEL', KEYS[1], 'state', 'finished_at')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('EXPIRE', retrying, tonumber(ARGV[1]))
+return {attempt, retrying}
+"""
+
+
+class BatchNotFound(LookupError):
+    """No batch with this id (never submitted, or expired)."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """What `batch status` reports; times are ISO 8601 UTC or None."""
+
+    id: str
+    handler: str
+    state: str
+    attempt: int
+    total: int
+    published: bool
+    succeeded: int
+    failed: int
+    skipped: int
+    pending: int
+    chunk_size: int
+    chunks: int | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    elapsed_seconds: float | None
+    items_per_second: float | None
+    result: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _iso(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(float(value), UTC).isoformat(timespec="milliseconds")
+
+
+_clients: dict[tuple[int, str], redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(url: str) -> redis.Redis:
+    """One connection pool per process and URL (pools must not cross a fork)."""
+    key = (os.getpid(), url)
+    with _clients_lock:
+        found = _clients.get(key)
+        if found is None:
+            found = _clients[key] = redis.Redis.from_url(url, decode_responses=True)
+        return found
+
+
+class BatchStore:
+    """Reads and writes one Redis database's batches; every write refreshes the expiry."""
+
+    def __init__(self, client: redis.Redis, *, expires: int) -> None:
+        self.redis = client
+        self.expires = int(expires)
+        self._record_chunk = client.register_script(_RECORD_CHUNK)
+        self._mark_published = client.register_script(_MARK_PUBLISHED)
+        self._finalize = client.register_script(_FINALIZE)
+        self._begin_chunk = client.register_script(_BEGIN_CHUNK)
+        self._cancel = client.register_script(_CANCEL)
+        self._begin_retry = client.register_script(_BEGIN_RETRY)
+
+    @staticmethod
+    def key(batch_id: str, part: str = "") -> str:
+        return f"{PREFIX}{batch_id}{':' + part if part else ''}"
+
+    # --- producer side -------------------------------------------------------------------
+    def create(
+        self,
+        batch_id: str,
+        *,
+        handler: str,
+        options: Mapping[str, Any],
+        chunk_size: int,
+        source: str,
+        callback: str | None,
+    ) -> None:
+        record: dict[Any, Any] = {
+            "handler": handler,
+            "options": json.dumps(dict(options)),
+            "chunk_size": chunk_size,
+            "source": source,
+            "attempt": 1,
+            "total": 0,
+            "processed": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "skipped": 0,
+            "created_at": repr(time.time()),
+        }
+        if callback:
+            record["callback"] = callback
+        key = self.key(batch_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, mapping=record)
+            pipe.expire(key, self.expires)
+            pipe.execute()
+
+    def mark_published(self, batch_id: str, attempt: int, total: int, chunks: int) -> bool:
+        """Record that every chunk of `attempt` is published; True if it is ready to finalize."""
+        args = [attempt, total, chunks, self.expires]
+        return bool(self._mark_published(keys=[self.key(batch_id)], args=args))
+
+    def note_published(self, batch_id: str, total: int) -> None:
+        """Show how many items are published so far, while the producer is still going."""
+        self.redis.hset(self.key(batch_id), "total", total)
+
+    def cancelled(self, batch_id: str) -> bool:
+        return bool(self.redis.hexists(self.key(batch_id), "cancelled"))
+
+    def cancel(self, batch_id: str) -> bool:
+        """Cancel a batch that has not finished; False if it had already finished."""
+        done = int(self._cancel(keys=[self.key(batch_id)], args=[repr(time.time()), self.expires]))
+        if done < 0:
+            raise BatchNotFound(batch_id)
+        return done == 1
+
+    def begin_retry(self, batch_id: str) -> tuple[int, str]:
+        """Open the next attempt; returns (attempt, key of the items to re-run)."""
+        if not self.redis.exists(self.key(batch_id)):
+            raise BatchNotFound(batch_id)
+        keys = [self.key(batch_id), self.key(batch_id, "failures")]
+        if not self.redis.exists(keys[1]):
+            # RENAME needs a source; no failures means nothing to retry.
+            raise ValueError(f"batch {batch_id} has no failed items to retry")
+        attempt, detail = self._begin_retry(keys=keys, args=[self.expires])
+        if int(attempt) == 0:
+            raise ValueError(str(detail))
+        return int(attempt), str(detail)
+
+    def iter_hash(self, key: str) -> Iterator[tuple[str, str]]:
+        """Stream a hash in pages (HSCAN), never the whole of it at once."""
+        yield from self.redis.hscan_iter(key, count=500)
+
+    # --- worker side ---------------------------------------------------------------------
+    def begin_chunk(self, batch_id: str) -> tuple[bool, str, dict[str, Any]]:
+        """Note the batch's start; returns (cancelled, handler name, handler options)."""
+        cancelled, handler, options = self._begin_chunk(
+            keys=[self.key(batch_id)], args=[repr(time.time())]
+        )
+        if not handler:
+            raise BatchNotFound(batch_id)
+        return bool(int(cancelled)), str(handler), json.loads(options)
+
+    def record_chunk(
+        self,
+        batch_id: str,
+        field: str,
+        *,
+        succeeded: int,
+        failed: int,
+        skipped: int = 0,
+        partial: Any = None,
+        failures: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> tuple[bool, bool]:
+        """Count a chunk's outcome once: returns (counted now, batch ready to finalize)."""
+        keys = [self.key(batch_id, part) for part in ("", "done", "partials", "failures")]
+        args: list[str | int] = [
+            field,
+            succeeded,
+            failed,
+            skipped,
+            "" if partial is None else json.dumps(partial),
+            self.expires,
+        ]
+        for index, failure in (failures or {}).items():
+            args += [index, json.dumps(failure)]
+        counted, ready = self._record_chunk(keys=keys, args=args)
+        return bool(counted), bool(ready)
+
+    def iter_partials(self, batch_id: str) -> Iterator[Any]:
+        for _field, value in self.iter_hash(self.key(batch_id, "partials")):
+            yield json.loads(value)
+
+    def finalize(self, batch_id: str, attempt: int, state: str, result: Any) -> bool:
+        """Store the result and final state; True only for the one call that did it."""
+        keys = [self.key(batch_id), self.key(batch_id, "result")]
+        args: list[Any] = [attempt, state, json.dumps(result), repr(time.time()), self.expires]
+        return bool(self._finalize(keys=keys, args=args))
+
+    def claim_callback(self, batch_id: str, attempt: int) -> bool:
+        return bool(self.redis.hsetnx(self.key(batch_id), f"callback_sent:{attempt}", "1"))
+
+    # --- readers -------------------------------------------------------------------------
+    def meta(self, batch_id: str) -> dict[str, str]:
+        meta = cast(dict[str, str], self.redis.hgetall(self.key(batch_id)))
+        if not meta:
+            raise BatchNotFound(batch_id)
+        return meta
+
+    def status(self, batch_id: str) -> Status:
+        meta = self.meta(batch_id)
+        number = {k: int(meta.get(k, 0)) for k in ("total", "succeeded", "failed", "skipped")}
+        published = meta.get("published") == meta["attempt"]
+        if "state" in meta:
+            state = meta["state"]
+        else:
+            state = "running" if "started_at" in meta else "pending"
+        started, finished = meta.get("started_at"), meta.get("finished_at")
+        elapsed = None
+        if started is not None:
+            elapsed = (float(finished) if finished else time.time()) - float(started)
+        done = number["succeeded"] + number["failed"]
+        result = None
+        if state in ("completed", "completed_with_failures"):
+            raw = self.redis.get(self.key(batch_id, "result"))
+            result = json.loads(raw) if raw else None
+        return Status(
+            id=batch_id,
+            handler=meta["handler"],
+            state=state,
+            attempt=int(meta["attempt"]),
+            published=published,
+            pending=max(0, number["total"] - done - number["skipped"]),
+            chunk_size=int(meta["chunk_size"]),
+            chunks=int(meta["chunks"]) if "chunks" in meta else None,
+            created_at=_iso(meta.get("created_at")),
+            started_at=_iso(started),
+            finished_at=_iso(finished),
+            elapsed_seconds=None if elapsed is None else round(elapsed, 3),
+            items_per_second=round(done / elapsed, 1) if elapsed else None,
+            result=result,
+            **number,
+        )
+
+    def failures(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """The failed items of the current attempt, in no particular order."""
+        self.meta(batch_id)
+        for _index, value in self.iter_hash(self.key(batch_id, "failures")):
+            yield json.loads(value)
+
+
+def store_for(app: Any) -> BatchStore:
+    """The store of an app's configuration (conveyor_batch_redis_url, else the result backend)."""
+    conf = app.conf
+    url = conf.get("conveyor_batch_redis_url") or conf.result_backend
+    return BatchStore(client_for(str(url)), expires=int(conf.get("conveyor_batch_expires", 604800)))

@@ -1,0 +1,63 @@
+"""The batch tasks: thin wrappers around tasks.batch.runner, on the `batch` queue by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.utils.log import get_task_logger
+
+from tasks.batch import api, runner
+from tasks.batch.store import store_for
+from tasks.celery_app import app
+
+logger = get_task_logger(__name__)
+
+
+@app.task(name="batch.process_chunk", bind=True, ignore_result=True)
+def process_chunk(
+    self: Any,
+    batch_id: str,
+    attempt: int,
+    chunk_no: int,
+    start: int,
+    items: list[Any],
+    extras: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Process one chunk of a batch. Idempotent: a redelivered chunk is counted once."""
+    conf = self.app.conf
+    outcome = runner.run_chunk(
+        store_for(self.app),
+        batch_id,
+        attempt,
+        chunk_no,
+        start,
+        items,
+        extras,
+        item_attempts=int(conf.conveyor_batch_item_attempts),
+        backoff=float(conf.conveyor_batch_item_backoff),
+    )
+    if not outcome.counted:
+        logger.info("batch %s chunk %s:%s was already counted", batch_id, attempt, chunk_no)
+    if outcome.ready:
+        finalize.delay(batch_id, attempt)
+    return {"succeeded": outcome.succeeded, "failed": outcome.failed, "skipped": outcome.skipped}
+
+
+@app.task(name="batch.finalize", bind=True)
+def finalize(self: Any, batch_id: str, attempt: int) -> str:
+    """Reduce the chunks' partials and send the callback, once per attempt; returns the state."""
+
+    def send_callback(name: str, task_id: str) -> None:
+        self.app.send_task(name, args=[batch_id], task_id=task_id)
+
+    state = runner.run_finalize(store_for(self.app), batch_id, attempt, send_callback)
+    logger.info("batch %s attempt %s finalized: %s", batch_id, attempt, state)
+    return state
+
+
+@app.task(name="batch.publish_file", bind=True)
+def publish_file(self: Any, batch_id: str, path: str, fmt: str) -> int:
+    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True))."""
+    count = api.publish_file(batch_id, path, fmt, app=self.app)
+    logger.info("batch %s: published %s items from %s", batch_id, count, path)
+    return count
