@@ -1,0 +1,4 @@
+"""Side-by-side benchmarks: raw AMQP, Conveyor, stock Celery and Dramatiq on one broker.
+
+Run with ``python -m benchmarks [--quick] [--json PATH]``; see docs/performance.md.
+"""
