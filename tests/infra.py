@@ -143,6 +143,8 @@ class WorkerProcess:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     service: str = "worker"
+    #: Module of extra tasks the worker loads (test-only or benchmark tasks).
+    include: str = "tests.worker_tasks"
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,7 @@ class WorkerProcess:
             celery,
             *command[1:],
             f"--hostname={self.node}",
-            "--include=tests.worker_tasks",
+            f"--include={self.include}",
             *self.extra_args,
         ]
 
