@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from benchmarks import raw_amqp
+from benchmarks import batch, raw_amqp
 from benchmarks.environment import (
     QueueProbe,
     Services,
@@ -43,6 +43,8 @@ class Sizes:
 
 
 QUICK = Sizes(repeats=3, drain=1000, publish=400, bulk=20_000, latency_seconds=2)
+#: Only proves that every system runs end to end (the test suite uses it); not a measurement.
+SMOKE = Sizes(repeats=1, drain=100, publish=50, bulk=500, latency_seconds=0.5)
 FULL = Sizes(repeats=5, drain=10_000, publish=3000, bulk=200_000, latency_seconds=15)
 
 
@@ -142,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--only", nargs="*", help="run only these systems")
+    parser.add_argument("--only", nargs="*", help="run only these systems (or batch)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
 
     report: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "results": []}
     results: list[dict[str, Any]] = report["results"]
@@ -172,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(rows)
             for row in rows:
                 print(json.dumps(row), flush=True)
+    if not args.only or "batch" in args.only:
+        rows = batch.run(args.quick)
+        results.extend(rows)
+        for row in rows:
+            print(json.dumps(row), flush=True)
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
     print("\n".join(ratios(results)))
     if args.json:

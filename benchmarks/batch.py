@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -26,47 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.environment import machine, private_services
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The issue asks for the first three; 100,000 shows how much of the rest is per-chunk cost.
 CHUNK_SIZES = (100, 1_000, 10_000, 100_000)
 WORKER_PROCESSES = 2
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import celery
-    import kombu
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_kib = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_kib = int(line.split()[1])
-    except OSError:
-        pass
-    redis_version = subprocess.run(
-        ["redis-server", "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "memory_gib": round(mem_kib / 2**20, 1),
-        "load_average_at_start": os.getloadavg(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "celery": celery.__version__,
-        "kombu": kombu.__version__,
-        "redis_server": redis_version,
-        "worker_processes": WORKER_PROCESSES,
-    }
 
 
 def row(system: str, metric: str, values: list[float], unit: str) -> dict[str, Any]:
@@ -115,59 +79,32 @@ def ceiling(items: int, chunk_size: int = 10_000) -> float:
     return items / elapsed
 
 
-# --- private services --------------------------------------------------------------------------
-@contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    import redis
-    from port_for import get_port
-
-    port = get_port(None)
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 @contextmanager
 def stack(workdir: Path) -> Iterator[dict[str, Any]]:
     """Private RabbitMQ + Redis + one worker of 2 processes, all stopped on exit."""
-    from tests.infra import RabbitNode, WorkerProcess
+    from tests.infra import WorkerProcess
 
-    rabbit = RabbitNode(workdir / "rabbit").start()
-    try:
-        with private_redis(workdir) as redis_url:
-            backend = f"{redis_url}/0"
-            os.environ["CELERY_BROKER_URL"] = rabbit.url
-            os.environ["CELERY_RESULT_BACKEND"] = backend
-            worker = WorkerProcess(
-                broker_url=rabbit.url,
-                result_backend=backend,
-                workdir=workdir / "worker",
-                name="bench",
-                concurrency=WORKER_PROCESSES,
-                extra_args=["--include=benchmarks.batch_tasks", "--loglevel=WARNING"],
-                env={"CONVEYOR_BENCH_REDIS_URL": f"{redis_url}/1"},
-            ).start()
-            try:
-                yield {"broker_url": rabbit.url, "backend": backend, "redis_url": redis_url}
-            finally:
-                worker.stop()
-    finally:
-        rabbit.stop()
+    with private_services(workdir) as services:
+        backend = f"{services.redis_url}/0"
+        os.environ["CELERY_BROKER_URL"] = services.broker_url
+        os.environ["CELERY_RESULT_BACKEND"] = backend
+        worker = WorkerProcess(
+            broker_url=services.broker_url,
+            result_backend=backend,
+            workdir=workdir / "worker",
+            name="bench",
+            concurrency=WORKER_PROCESSES,
+            include="benchmarks.batch_tasks",
+            env={"CONVEYOR_BENCH_REDIS_URL": f"{services.redis_url}/1"},
+        ).start()
+        try:
+            yield {
+                "broker_url": services.broker_url,
+                "backend": backend,
+                "redis_url": services.redis_url,
+            }
+        finally:
+            worker.stop()
 
 
 def _app(services: dict[str, Any]) -> Any:
@@ -276,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.produce is not None:
         _produce(args.produce)
         return
-    details = machine()
+    details = machine()  # before the run: the load average is part of the conditions
     rows = run(args.quick, args.repeats)
     for result in rows:
         print(

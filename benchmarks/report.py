@@ -36,7 +36,10 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
         "| metric | unit | " + " | ".join(SYSTEMS) + " |",
         "|---|---|" + "---|" * len(SYSTEMS),
     ]
+    others = [row for row in results if row["system"] not in SYSTEMS]
     for metric, by_system in metrics.items():
+        if not set(by_system) & set(SYSTEMS):
+            continue
         unit = next(iter(by_system.values()))["unit"]
         cells = []
         for system in SYSTEMS:
@@ -45,6 +48,13 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
                 f"{row['value']:,.1f} ({row['min']:,.1f} to {row['max']:,.1f})" if row else "n/a"
             )
         lines.append(f"| {metric} | {unit} | " + " | ".join(cells) + " |")
+    if others:
+        lines += ["", "| batch path | metric | value | unit |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['system']} | {r['metric']} | {r['value']:,.1f} "
+            f"({r['min']:,.1f} to {r['max']:,.1f}) | {r['unit']} |"
+            for r in others
+        ]
     return lines
 
 
