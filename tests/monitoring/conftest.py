@@ -236,3 +236,46 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def sample(metrics: dict[Any, float], name: str, **labels: str) -> float | None:
     return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+@dataclass
+class FlowerInstance:
+    url: str
+    service: ServiceProcess
+    db: Path
+
+
+def start_flower(
+    workdir: Path, rabbit: ManagedRabbitNode, backend: str, port: int, **env: str
+) -> ServiceProcess:
+    """Flower with compose's command, on loopback, with basic auth and the broker API."""
+    service = ServiceProcess(
+        project_command("flower", "--address=127.0.0.1", f"--port={port}"),
+        {
+            "CELERY_BROKER_URL": rabbit.url,
+            "CELERY_RESULT_BACKEND": backend,
+            "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}",
+            "FLOWER_BROKER_API": rabbit.api_url,
+            "FLOWER_PERSISTENT": "true",
+            "FLOWER_DB": str(workdir / "flower"),
+            **env,
+        },
+        workdir / "flower.log",
+    ).start()
+    service.wait_for_http(f"http://127.0.0.1:{port}/healthcheck")
+    return service
+
+
+@pytest.fixture(scope="session")
+def flower(
+    tmp_path_factory: pytest.TempPathFactory,
+    managed_rabbit: ManagedRabbitNode,
+    monitored_backend: str,
+    monitored_worker: WorkerProcess,
+) -> Iterator[FlowerInstance]:
+    workdir = tmp_path_factory.mktemp("flower")
+    port = get_port(None)
+    service = start_flower(workdir, managed_rabbit, monitored_backend, port)
+    instance = FlowerInstance(f"http://127.0.0.1:{port}", service, workdir / "flower")
+    yield instance
+    instance.service.stop()
