@@ -23,8 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.infra import ROOT, ManagedRabbitNode, WorkerProcess, compose_command, wait_for
 
-#: Results of this folder's tasks live in their own Redis database.
-RESULT_DB = 3
 FLOWER_USER, FLOWER_PASSWORD = "operator", "s3cret-pass"
 #: Where screenshots and other evidence go (kept by CI as artifacts).
 ARTIFACTS = Path(os.environ.get("CONVEYOR_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -105,8 +103,10 @@ def managed_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Managed
 
 
 @pytest.fixture(scope="session")
-def monitored_backend(redis_url: str) -> str:
-    return f"{redis_url}/{RESULT_DB}"
+def monitored_backend(result_backend: str) -> str:
+    # The suite's own backend: Celery reads CELERY_RESULT_BACKEND from the environment before
+    # its configuration, and the session's conveyor_app fixture sets that variable.
+    return result_backend
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +114,22 @@ def producer(managed_rabbit: ManagedRabbitNode, monitored_backend: str) -> Itera
     """A client app with the project's configuration, publishing to the managed node."""
     app = Celery("producer", set_as_current=False)
     app.config_from_object("celeryconfig")
-    app.conf.update(broker_url=managed_rabbit.url, result_backend=monitored_backend)
+    # Read/write URLs, because Celery prefers CELERY_BROKER_URL from the environment (set by
+    # the session's conveyor_app fixture) over broker_url.
+    app.conf.update(
+        broker_url=managed_rabbit.url,
+        broker_read_url=managed_rabbit.url,
+        broker_write_url=managed_rabbit.url,
+        result_backend=monitored_backend,
+    )
+    # Declare every task queue here: the monitored worker consumes only some of them, and the
+    # Queue objects of celeryconfig are shared with tasks.app, which may have bound them to
+    # another broker's channel (kombu then declares on that one at publish time).
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        for queue in app.conf.task_queues:
+            queue(channel).declare()
+        channel.close()
     yield app
     app.close()
 
@@ -232,6 +247,13 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def families(url: str) -> set[str]:
+    """Names of the metric families an endpoint declares, with or without samples yet."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {family.name for family in text_string_to_metric_families(text)}
 
 
 def sample(metrics: dict[Any, float], name: str, **labels: str) -> float | None:

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from tests.infra import ROOT, ManagedRabbitNode, WorkerProcess, wait_for
-from tests.monitoring.conftest import OtlpCollector, sample, scrape
+from tests.monitoring.conftest import OtlpCollector, families, sample, scrape
 from tests.monitoring.test_alert_rules import (
     EXTENSION_METRICS,
     alert_expressions,
@@ -163,8 +163,7 @@ def test_a_dead_lettered_message_shows_in_the_dead_letter_gauge(
 def test_the_exporter_serves_every_metric_the_alerts_and_dashboard_use(
     monitored_worker: WorkerProcess, exporter: str
 ) -> None:
-    exported = {name.removesuffix("_total") for name, _ in scrape(exporter)}
-    exported |= {n.removesuffix("_bucket") for n in exported}
+    exported = families(exporter)
     used = conveyor_metric_names(alert_expressions() + dashboard_expressions())
     missing = {n.removesuffix("_total") for n in used - EXTENSION_METRICS} - exported
     assert not missing, f"used in alerts/dashboard but not exported: {sorted(missing)}"
