@@ -113,11 +113,15 @@ def test_flower_refuses_a_visitor_without_credentials(flower: FlowerInstance, br
         assert status == 401, path
     status, _ = get(flower.url + "/", authorized=True)
     assert status == 200
+    # Known and documented (docs/monitoring.md): Flower serves /metrics and /healthcheck without
+    # auth, which is why compose publishes its port on loopback only.
+    assert get(flower.url + "/metrics", authorized=False)[0] == 200
 
     # A browser without credentials sees no worker data either
     browser.get(flower.url + "/workers")
     screenshot(browser, "refused")
     assert "monitored-" not in browser.page_source
+    assert "Cluster overview" not in browser.page_source
 
 
 def test_an_operator_logs_in_and_sees_the_worker_the_tasks_and_the_broker(
