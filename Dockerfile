@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     CONVEYOR_HEALTH_DIR=/tmp/conveyor-health \
+    CONVEYOR_LOG_FORMAT=json \
     CONVEYOR_BEAT_SCHEDULE_FILE=/var/lib/conveyor/celerybeat-schedule
 
 RUN useradd --create-home --uid 10001 conveyor \
@@ -12,7 +13,7 @@ RUN useradd --create-home --uid 10001 conveyor \
     && chown conveyor /var/lib/conveyor
 
 WORKDIR /app
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md celeryconfig.py flowerconfig.py ./
 COPY tasks ./tasks
 COPY workers ./workers
 RUN pip install .

@@ -178,6 +178,16 @@ conveyor_batch_max_unconfirmed = 100
 conveyor_batch_item_attempts = 3
 conveyor_batch_item_backoff = 0.2
 
+# --- Monitoring --------------------------------------------------------------------------------
+#: RabbitMQ management API, for the exporter and `celery -A tasks overview`: adds unacked and
+#: delayed counts. Unset, they read ready messages and consumers with passive queue declares.
+conveyor_rabbitmq_api = os.environ.get("CONVEYOR_RABBITMQ_API") or None
+#: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
+#: A metrics factory takes the app and returns a prometheus_client Collector (workers/metrics.py);
+#: an overview section takes the app and returns (title, rows) (workers/overview.py).
+conveyor_metrics_collectors: list[str] = []
+conveyor_overview_sections: list[str] = []
+
 
 def _apply_environment_overrides() -> None:
     """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""

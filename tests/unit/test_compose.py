@@ -71,3 +71,32 @@ def test_the_worker_serves_every_task_queue() -> None:
     queues = next(arg for arg in command if arg.startswith("--queues=")).split("=", 1)[1]
     assert set(queues.split(",")) == {queue.name for queue in app.conf.task_queues}
     assert yaml.safe_load((ROOT / "compose.yaml").read_text())["x-app"]["image"]
+
+
+def test_flower_and_the_exporter_run_the_same_commands_in_compose_and_the_procfile() -> None:
+    # Only the address differs: loopback on a developer's machine, every interface inside the
+    # container (where the published port is bound to the host's loopback).
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+
+    def without_address(command: list[str]) -> list[str]:
+        return [arg for arg in command if not arg.startswith("--address=")]
+
+    for service in ("flower", "exporter"):
+        assert without_address(procfile[service].split()) == without_address(
+            compose_command(service)
+        ), service
+        assert "--address=127.0.0.1" in procfile[service].split(), service
+    assert "--conf=flowerconfig.py" in compose_command("flower")
+
+
+def test_the_monitoring_profile_adds_prometheus_and_grafana() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
+    assert "profiles" not in services["exporter"], "the exporter runs in the default stack"
+    # Flower's /metrics is not behind its auth: its port is published to loopback only, and
+    # the exporter's port is not published at all.
+    assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    assert "ports" not in services["exporter"]

@@ -1,0 +1,46 @@
+"""Tasks that only the monitoring tests use; their worker loads them with --include."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery.utils.log import get_task_logger
+
+from tasks.celery_app import app
+
+logger = get_task_logger(__name__)
+
+
+@app.task(name="tests.fail")
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task(name="tests.retry_once", bind=True, max_retries=1)
+def retry_once(self: Any) -> int:
+    """Asks for one retry (1 s later), then returns the number of retries it took."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=1)
+    return int(self.request.retries)
+
+
+@app.task(name="tests.log_line", bind=True)
+def log_line(self: Any, text: str, batch_id: str | None = None) -> str:
+    """Writes `text` to the task logger and returns the task id."""
+    logger.info("note %s", text)
+    return str(self.request.id)
+
+
+@app.task(name="tests.hold")
+def hold(key: str, timeout: float = 60) -> bool:
+    """Runs until the test sets `release:<key>` in the ledger (or `timeout` passes)."""
+    ledger = redis.Redis.from_url(os.environ["CONVEYOR_TEST_LEDGER_URL"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists(f"release:{key}"):
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,59 @@
+"""Flower's guard rails, applied by flowerconfig.py when `celery -A tasks flower` starts.
+
+Flower serves every interface without authentication by default. Conveyor's Flower refuses to
+start unless it has authentication (basic auth, or OAuth with an email regexp) or listens on a
+loopback address or a unix socket only, where nobody else can reach it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+#: Host names that resolve to loopback on every machine Conveyor supports.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class UnsafeFlowerConfiguration(SystemExit):
+    """Raised (and so exiting with its message) when Flower would be open to the network."""
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost; False for '' and 0.0.0.0 (every interface)."""
+    host = address.strip().strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def access_problem(
+    *, address: str, unix_socket: str, basic_auth: Sequence[str] | None, auth: str
+) -> str | None:
+    """None when Flower may start with these options, else why not."""
+    if basic_auth and any(":" not in pair or pair.startswith(":") for pair in basic_auth):
+        return "FLOWER_BASIC_AUTH must be user:password pairs separated by commas"
+    if basic_auth or auth:
+        return None
+    if unix_socket or is_loopback(address):
+        return None
+    shown = address or "every interface"
+    return (
+        f"Flower would serve {shown} without authentication. Set FLOWER_BASIC_AUTH=user:password "
+        "(or FLOWER_AUTH with FLOWER_AUTH_PROVIDER and FLOWER_OAUTH2_* for OAuth), or bind it "
+        "to loopback with --address=127.0.0.1."
+    )
+
+
+def check(options: object) -> None:
+    """Exit with the reason when Flower's options would expose it unauthenticated."""
+    problem = access_problem(
+        address=str(getattr(options, "address", "") or ""),
+        unix_socket=str(getattr(options, "unix_socket", "") or ""),
+        basic_auth=list(getattr(options, "basic_auth", None) or []),
+        auth=str(getattr(options, "auth", "") or ""),
+    )
+    if problem:
+        raise UnsafeFlowerConfiguration(f"refusing to start: {problem}")

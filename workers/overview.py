@@ -1,0 +1,96 @@
+"""`celery -A tasks overview [--json]`: what the system is doing, in one screen.
+
+Workers (from a broadcast ping and their stats), every task queue with its depth and consumers,
+and the dead-letter queue. Other parts of Conveyor add sections (running batches, schedule
+entries) through ``conveyor_overview_sections``: ``"module:function"`` paths, each called with
+the app and returning ``(title, rows)`` where rows is a list of flat dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from celery import Celery
+from celery.bin.base import CeleryCommand
+from kombu.utils.imports import symbol_by_name
+
+from workers import queue_stats
+
+
+def collect(app: Celery, *, timeout: float, api_url: str | None) -> dict[str, Any]:
+    """Everything the command shows, as plain data."""
+    inspect = app.control.inspect(timeout=timeout)
+    stats = inspect.stats() or {}
+    active = inspect.active() or {}
+    consuming = inspect.active_queues() or {}
+    workers = [
+        {
+            "name": name,
+            "concurrency": (info.get("pool") or {}).get("max-concurrency"),
+            "active": len(active.get(name) or []),
+            "processed": sum((info.get("total") or {}).values()),
+            "queues": sorted(queue["name"] for queue in consuming.get(name) or []),
+        }
+        for name, info in sorted(stats.items())
+    ]
+    snap = queue_stats.snapshot(app, api_url)
+    dlq = app.conf.conveyor_dead_letter_queue
+    queues = [stats.as_dict() for name, stats in snap.queues.items() if name != dlq]
+    dead = snap.queues.get(dlq)
+    data: dict[str, Any] = {
+        "workers": workers,
+        "queues": queues,
+        "queue_source": snap.source,
+        "delayed_messages": snap.delayed,
+        "dead_letters": {"queue": dlq, "messages": dead.ready if dead else None},
+        "sections": {},
+    }
+    for path in app.conf.get("conveyor_overview_sections") or ():
+        title, rows = symbol_by_name(path)(app)
+        data["sections"][title] = rows
+    return data
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    cells = [[str("-" if row.get(c) is None else row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return lines
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = ["Workers"]
+    workers = [{**w, "queues": ",".join(w["queues"])} for w in data["workers"]]
+    lines += _table(workers, ["name", "concurrency", "active", "processed", "queues"])
+    lines += ["", f"Queues (from {data['queue_source']})"]
+    lines += _table(data["queues"], ["name", "ready", "unacked", "consumers"])
+    if data["delayed_messages"] is not None:
+        lines.append(f"  delayed (countdown/ETA held by the broker): {data['delayed_messages']}")
+    dead = data["dead_letters"]
+    lines += ["", f"Dead letters ({dead['queue']}): {dead['messages']}"]
+    for title, rows in data["sections"].items():
+        lines += ["", title]
+        lines += _table(rows, list(rows[0]) if rows else [])
+    return "\n".join(lines)
+
+
+@click.command(cls=CeleryCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--timeout", type=float, default=2.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--rabbitmq-api",
+    envvar="CONVEYOR_RABBITMQ_API",
+    default=None,
+    help="RabbitMQ management API URL (adds unacked and delayed counts).",
+)
+@click.pass_context
+def overview(ctx: click.Context, as_json: bool, timeout: float, rabbitmq_api: str | None) -> None:
+    """Workers, queues with depth and consumers, dead letters, batches and schedules."""
+    app: Celery = ctx.obj.app
+    data = collect(app, timeout=timeout, api_url=rabbitmq_api)
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render(data))
