@@ -185,8 +185,8 @@ conveyor_rabbitmq_api = os.environ.get("CONVEYOR_RABBITMQ_API") or None
 #: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
 #: A metrics factory takes the app and returns a prometheus_client Collector (workers/metrics.py);
 #: an overview section takes the app and returns (title, rows) (workers/overview.py).
-conveyor_metrics_collectors: list[str] = []
-conveyor_overview_sections: list[str] = []
+conveyor_metrics_collectors: list[str] = ["tasks.batch.monitoring:collector"]
+conveyor_overview_sections: list[str] = ["tasks.batch.monitoring:overview_section"]
 
 
 def _apply_environment_overrides() -> None:
