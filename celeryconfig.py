@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, default)
+def _secret(name: str, default: str) -> str:
+    """NAME from the environment, or the contents of the file that NAME_FILE names.
+
+    The file form is the Docker/Kubernetes secrets convention: the value never sits in the
+    process environment, where `docker inspect` and crash reports would show it.
+    """
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        if name in os.environ:
+            raise RuntimeError(f"set {name} or {name}_FILE, not both")
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
+    else:
+        value = os.environ.get(name, default)
     if not value.strip():
         # An empty URL must not silently become something else (Celery would fall back to
         # its own defaults, and some projects fall back to eager mode). Fail at import.
@@ -25,8 +42,24 @@ def _env(name: str, default: str) -> str:
 
 
 # --- Broker and result backend -------------------------------------------------------------
-broker_url = _env("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-result_backend = _env("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+
+# --- TLS to the broker ------------------------------------------------------------------------
+#: With an amqps:// URL the broker's certificate is always verified, against this CA bundle
+#: (the system's trust store when unset), and its name checked against the URL's host.
+#: A client certificate is sent when CONVEYOR_BROKER_TLS_CERT/KEY are set.
+broker_use_ssl: dict[str, Any] | bool = False
+if urlsplit(broker_url).scheme == "amqps":
+    broker_use_ssl = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": urlsplit(broker_url).hostname,
+        # py-amqp loads no trust store by itself: default to the system's bundle.
+        "ca_certs": os.environ.get("CONVEYOR_BROKER_TLS_CA")
+        or ssl.get_default_verify_paths().openssl_cafile,
+        "certfile": os.environ.get("CONVEYOR_BROKER_TLS_CERT") or None,
+        "keyfile": os.environ.get("CONVEYOR_BROKER_TLS_KEY") or None,
+    }
 
 #: Never run tasks in the calling process: a missing broker must be an error, not a fallback.
 task_always_eager = False
