@@ -144,6 +144,10 @@ task_publish_retry_policy = {
 #: (memory/disk alarms block publishers: celery#2689). Applied by tasks.base.Task.
 conveyor_publish_timeout = float(os.environ.get("CONVEYOR_PUBLISH_TIMEOUT", "10"))
 broker_connection_timeout = 4
+#: Producers declare the task queue before their first publish, which needs `configure`
+#: permission on it. With the least-privilege producer role (deploy/rabbitmq) set this to
+#: false: provisioning declares the topology, and the producer only publishes.
+conveyor_declare_on_publish = os.environ.get("CONVEYOR_DECLARE_ON_PUBLISH", "true") == "true"
 #: Waiting for a pooled producer connection is bounded too (celery#9259).
 broker_pool_acquire_timeout = 10
 #: Workers keep reconnecting for as long as the broker is away: they must resume by
