@@ -197,6 +197,26 @@ timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")
 enable_utc = True
 
 
+# --- Message signing (optional) -----------------------------------------------------------
+#: Off by default. When on, every task message is signed with this process's key and only
+#: messages signed by a certificate in the store are accepted (Celery's auth serializer:
+#: signed, not encrypted). Producers and workers all need a key, a certificate and the store.
+conveyor_signing = os.environ.get("CONVEYOR_SIGNING", "off").lower() in ("on", "true", "1")
+if conveyor_signing:
+    task_serializer = "auth"
+    accept_content = ["auth"]
+    security_key = os.environ.get("CONVEYOR_SIGNING_KEY", "")
+    security_certificate = os.environ.get("CONVEYOR_SIGNING_CERT", "")
+    #: A glob of the certificates whose signatures are trusted, for example certs/*.pem.
+    security_cert_store = os.environ.get("CONVEYOR_SIGNING_CERT_STORE", "")
+    security_digest = "sha256"
+    if not (security_key and security_certificate and security_cert_store):
+        raise RuntimeError(
+            "CONVEYOR_SIGNING=on needs CONVEYOR_SIGNING_KEY, CONVEYOR_SIGNING_CERT and "
+            "CONVEYOR_SIGNING_CERT_STORE"
+        )
+
+
 def _apply_environment_overrides() -> None:
     """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""
     namespace = globals()
