@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, default)
+def _secret(name: str, default: str) -> str:
+    """NAME from the environment, or the contents of the file that NAME_FILE names.
+
+    The file form is the Docker/Kubernetes secrets convention: the value never sits in the
+    process environment, where `docker inspect` and crash reports would show it.
+    """
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        if name in os.environ:
+            raise RuntimeError(f"set {name} or {name}_FILE, not both")
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise RuntimeError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
+    else:
+        value = os.environ.get(name, default)
     if not value.strip():
         # An empty URL must not silently become something else (Celery would fall back to
         # its own defaults, and some projects fall back to eager mode). Fail at import.
@@ -25,8 +42,24 @@ def _env(name: str, default: str) -> str:
 
 
 # --- Broker and result backend -------------------------------------------------------------
-broker_url = _env("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-result_backend = _env("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+
+# --- TLS to the broker ------------------------------------------------------------------------
+#: With an amqps:// URL the broker's certificate is always verified, against this CA bundle
+#: (the system's trust store when unset), and its name checked against the URL's host.
+#: A client certificate is sent when CONVEYOR_BROKER_TLS_CERT/KEY are set.
+broker_use_ssl: dict[str, Any] | bool = False
+if urlsplit(broker_url).scheme == "amqps":
+    broker_use_ssl = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "server_hostname": urlsplit(broker_url).hostname,
+        # py-amqp loads no trust store by itself: default to the system's bundle.
+        "ca_certs": os.environ.get("CONVEYOR_BROKER_TLS_CA")
+        or ssl.get_default_verify_paths().openssl_cafile,
+        "certfile": os.environ.get("CONVEYOR_BROKER_TLS_CERT") or None,
+        "keyfile": os.environ.get("CONVEYOR_BROKER_TLS_KEY") or None,
+    }
 
 #: Never run tasks in the calling process: a missing broker must be an error, not a fallback.
 task_always_eager = False
@@ -111,6 +144,10 @@ task_publish_retry_policy = {
 #: (memory/disk alarms block publishers: celery#2689). Applied by tasks.base.Task.
 conveyor_publish_timeout = float(os.environ.get("CONVEYOR_PUBLISH_TIMEOUT", "10"))
 broker_connection_timeout = 4
+#: Producers declare the task queue before their first publish, which needs `configure`
+#: permission on it. With the least-privilege producer role (deploy/rabbitmq) set this to
+#: false: provisioning declares the topology, and the producer only publishes.
+conveyor_declare_on_publish = os.environ.get("CONVEYOR_DECLARE_ON_PUBLISH", "true") == "true"
 #: Waiting for a pooled producer connection is bounded too (celery#9259).
 broker_pool_acquire_timeout = 10
 #: Workers keep reconnecting for as long as the broker is away: they must resume by
@@ -187,6 +224,25 @@ conveyor_rabbitmq_api = os.environ.get("CONVEYOR_RABBITMQ_API") or None
 #: an overview section takes the app and returns (title, rows) (workers/overview.py).
 conveyor_metrics_collectors: list[str] = ["tasks.batch.monitoring:collector"]
 conveyor_overview_sections: list[str] = ["tasks.batch.monitoring:overview_section"]
+
+# --- Message signing (optional) -----------------------------------------------------------
+#: Off by default. When on, every task message is signed with this process's key and only
+#: messages signed by a certificate in the store are accepted (Celery's auth serializer:
+#: signed, not encrypted). Producers and workers all need a key, a certificate and the store.
+conveyor_signing = os.environ.get("CONVEYOR_SIGNING", "off").lower() in ("on", "true", "1")
+if conveyor_signing:
+    task_serializer = "auth"
+    accept_content = ["auth"]
+    security_key = os.environ.get("CONVEYOR_SIGNING_KEY", "")
+    security_certificate = os.environ.get("CONVEYOR_SIGNING_CERT", "")
+    #: A glob of the certificates whose signatures are trusted, for example certs/*.pem.
+    security_cert_store = os.environ.get("CONVEYOR_SIGNING_CERT_STORE", "")
+    security_digest = "sha256"
+    if not (security_key and security_certificate and security_cert_store):
+        raise RuntimeError(
+            "CONVEYOR_SIGNING=on needs CONVEYOR_SIGNING_KEY, CONVEYOR_SIGNING_CERT and "
+            "CONVEYOR_SIGNING_CERT_STORE"
+        )
 
 
 def _apply_environment_overrides() -> None:

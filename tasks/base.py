@@ -10,7 +10,11 @@ import celery
 
 
 def publish_options(
-    options: dict[str, Any], *, publish_timeout: float, now: datetime
+    options: dict[str, Any],
+    *,
+    publish_timeout: float,
+    now: datetime,
+    declare_on_publish: bool = True,
 ) -> dict[str, Any]:
     """Return apply_async options with bounded waits and a delay the broker can carry.
 
@@ -19,6 +23,10 @@ def publish_options(
     is rounded up instead: a job never runs before its time, and at most 1 s after it.
     """
     options = dict(options)
+    if not declare_on_publish:
+        # The producer role may only publish: declaring the queue needs `configure` on it,
+        # which would also let a web app delete it. The topology comes from provisioning.
+        options.setdefault("declare", [])
     options.setdefault("timeout", publish_timeout)
     options.setdefault("confirm_timeout", publish_timeout)
 
@@ -55,6 +63,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             options,
             publish_timeout=float(self.app.conf.conveyor_publish_timeout),
             now=datetime.now(UTC),
+            declare_on_publish=bool(self.app.conf.conveyor_declare_on_publish),
         )
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options

@@ -11,4 +11,7 @@ app = Celery(
     task_cls="tasks.base:Task",
 )
 app.config_from_object("celeryconfig")
+if app.conf.conveyor_signing:
+    # Registers the auth serializer and refuses every other content type.
+    app.setup_security()
 workers.install(app)

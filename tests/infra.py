@@ -51,10 +51,25 @@ def wait_for(
         time.sleep(interval)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a server certificate, its key and the CA that signed it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class RabbitNode:
     """A private RabbitMQ node with its own config file, data directory and ports."""
 
-    def __init__(self, workdir: Path, *, consumer_timeout_ms: int = 1_800_000) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        consumer_timeout_ms: int = 1_800_000,
+        tls: TlsFiles | None = None,
+    ) -> None:
         require(
             (RABBITMQ_BIN / "rabbitmq-server").exists(),
             f"rabbitmq-server not found in {RABBITMQ_BIN} (apt-get install rabbitmq-server)",
@@ -65,10 +80,21 @@ class RabbitNode:
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "rabbitmq.conf"
         # The machine's /etc/rabbitmq config pins 5672; a private file replaces it.
+        if tls is None:
+            listeners = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        else:
+            # TLS only: no plain-text listener at all, peers verified against the CA.
+            listeners = (
+                "listeners.tcp = none\n"
+                f"listeners.ssl.local = 127.0.0.1:{self.port}\n"
+                f"ssl_options.cacertfile = {tls.ca}\n"
+                f"ssl_options.certfile = {tls.cert}\n"
+                f"ssl_options.keyfile = {tls.key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
         config.write_text(
-            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
-            f"consumer_timeout = {consumer_timeout_ms}\n"
-            "loopback_users = none\n"
+            listeners + f"consumer_timeout = {consumer_timeout_ms}\nloopback_users = none\n"
         )
         (workdir / "plugins").write_text("[].\n")
         env_file = workdir / "rabbitmq-env.conf"
@@ -93,7 +119,8 @@ class RabbitNode:
                 "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             }
         )
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        scheme = "amqps" if tls else "amqp"
+        self.url = f"{scheme}://guest:guest@127.0.0.1:{self.port}//"
 
     def start(self) -> RabbitNode:
         self.executor.start()
@@ -167,7 +194,7 @@ class WorkerProcess:
         ]
 
     def environment(self) -> dict[str, str]:
-        return {
+        env = {
             **os.environ,
             "CELERY_BROKER_URL": self.broker_url,
             "CELERY_RESULT_BACKEND": self.result_backend,
@@ -176,6 +203,11 @@ class WorkerProcess:
             "PYTHONPATH": str(ROOT),
             **self.env,
         }
+        # An empty URL means "not from the environment" (for example from a *_FILE secret).
+        for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+            if not env[key]:
+                del env[key]
+        return env
 
     def start(self, timeout: float = 60) -> WorkerProcess:
         from workers.health import check

@@ -36,3 +36,10 @@ def test_an_eta_becomes_a_whole_second_countdown() -> None:
 
 def test_an_eta_in_the_past_runs_now() -> None:
     assert "countdown" not in options(eta=NOW - timedelta(minutes=1))
+
+
+def test_a_least_privilege_producer_publishes_without_declaring() -> None:
+    assert (
+        publish_options({}, publish_timeout=1, now=NOW, declare_on_publish=False)["declare"] == []
+    )
+    assert "declare" not in publish_options({}, publish_timeout=1, now=NOW)

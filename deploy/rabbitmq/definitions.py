@@ -1,0 +1,156 @@
+"""Write RabbitMQ definitions for Conveyor: the vhost, one user per role, the topology.
+
+    python deploy/rabbitmq/definitions.py > definitions.json
+
+Compose runs this once before the broker starts (the broker loads the file at boot); on an
+existing broker, import it with deploy/rabbitmq/provision.sh. Passwords come from the
+environment or from *_FILE paths (Docker secrets) and are written only as salted SHA-256
+hashes, RabbitMQ's own format.
+
+Roles (permissions are regular expressions over exchange and queue names in the vhost):
+- producer: publish tasks (and their task-sent events) and nothing else: it cannot
+  consume, purge, declare or delete a task queue;
+- worker: everything Celery's worker and beat declare and use, nothing outside the vhost;
+- monitor: its own event and reply queues, inspect broadcasts, passive declares (queue
+  depth) and the management API's read-only `monitoring` tag; it cannot publish tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import celeryconfig  # the queue arguments have one source of truth
+
+VHOST = os.environ.get("CONVEYOR_VHOST", "conveyor")
+TASK_QUEUES = "|".join(celeryconfig.conveyor_queue_names)
+TASK_EXCHANGE = celeryconfig.conveyor_task_exchange
+
+#: Everything Celery touches for Conveyor: task exchange and queues, dead-letter and other
+#: conveyor.* entities, native delayed delivery, events, remote control and its replies.
+CELERY_ENTITIES = (
+    rf"^({TASK_EXCHANGE}|{TASK_EXCHANGE}\..*|{TASK_QUEUES}|celery_delayed_.*"
+    r"|celeryev|celeryev\..*|celery\.pidbox|reply\.celery\.pidbox"
+    r"|.*\.celery\.pidbox|.*\.reply\.celery\.pidbox)$"
+)
+MONITOR_OWN = r"celeryev\..*|.*\.reply\.celery\.pidbox"
+
+PERMISSIONS: dict[str, dict[str, str]] = {
+    "producer": {
+        "configure": r"^celeryev$",
+        "write": rf"^({TASK_EXCHANGE}|celery_delayed_27|celeryev)$",
+        "read": r"^$",
+    },
+    "worker": {"configure": CELERY_ENTITIES, "write": CELERY_ENTITIES, "read": CELERY_ENTITIES},
+    "monitor": {
+        "configure": rf"^({MONITOR_OWN})$",
+        "write": rf"^({MONITOR_OWN}|celery\.pidbox)$",
+        "read": rf"^({MONITOR_OWN}|celeryev|reply\.celery\.pidbox)$",
+    },
+}
+TAGS = {"admin": "administrator", "producer": "", "worker": "", "monitor": "monitoring"}
+
+
+def secret(name: str) -> str:
+    """NAME from the environment or the file NAME_FILE names; missing is an error."""
+    path = os.environ.get(f"{name}_FILE")
+    value = Path(path).read_text().strip() if path else os.environ.get(name, "")
+    if not value:
+        raise SystemExit(f"{name} (or {name}_FILE) must be set")
+    return value
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
+    salt = salt if salt is not None else secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def user_name(role: str) -> str:
+    return os.environ.get(f"CONVEYOR_{role.upper()}_USER", f"conveyor-{role}")
+
+
+def definitions() -> dict[str, Any]:
+    users = [
+        {
+            "name": user_name(role),
+            "password_hash": password_hash(secret(f"CONVEYOR_{role.upper()}_PASSWORD")),
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": [tag] if tag else [],
+        }
+        for role, tag in TAGS.items()
+    ]
+    permissions = [
+        {"user": user_name("admin"), "vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"}
+    ] + [{"user": user_name(role), "vhost": VHOST, **rules} for role, rules in PERMISSIONS.items()]
+    queues = [
+        {
+            "name": queue.name,
+            "vhost": VHOST,
+            "durable": True,
+            "auto_delete": False,
+            "arguments": queue.queue_arguments,
+        }
+        for queue in celeryconfig.task_queues
+    ] + [
+        {
+            "name": celeryconfig.conveyor_dead_letter_queue,
+            "vhost": VHOST,
+            "durable": True,
+            "auto_delete": False,
+            "arguments": {"x-queue-type": "quorum"},
+        }
+    ]
+    exchanges = [
+        {
+            "name": name,
+            "vhost": VHOST,
+            "type": "topic",
+            "durable": True,
+            "auto_delete": False,
+            "internal": False,
+            "arguments": {},
+        }
+        for name in (TASK_EXCHANGE, celeryconfig.conveyor_dead_letter_exchange)
+    ]
+    bindings = [
+        {
+            "source": TASK_EXCHANGE,
+            "vhost": VHOST,
+            "destination": queue.name,
+            "destination_type": "queue",
+            "routing_key": queue.routing_key,
+            "arguments": {},
+        }
+        for queue in celeryconfig.task_queues
+    ] + [
+        {
+            "source": celeryconfig.conveyor_dead_letter_exchange,
+            "vhost": VHOST,
+            "destination": celeryconfig.conveyor_dead_letter_queue,
+            "destination_type": "queue",
+            "routing_key": "#",
+            "arguments": {},
+        }
+    ]
+    return {
+        "vhosts": [{"name": VHOST}],
+        "users": users,
+        "permissions": permissions,
+        "exchanges": exchanges,
+        "queues": queues,
+        "bindings": bindings,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(definitions(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
