@@ -126,8 +126,30 @@ def sched_worker(
             "CONVEYOR_SCHEDULE_REDIS_URL": result_backend,
         },
     ).start()
+    await_delayed_delivery()
     yield process
     process.stop()
+
+
+def await_delayed_delivery(connection: Any = None) -> None:
+    """Return once a delayed job makes the round trip.
+
+    The worker's readiness file can appear before its DelayedDelivery step has declared the
+    delay exchanges on a fresh broker (both steps only require Tasks), and a delayed publish
+    before that is dropped as unroutable.
+    """
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    from tests import worker_tasks
+
+    for _ in range(10):
+        result = worker_tasks.add.apply_async((1, 1), countdown=1, connection=connection)
+        try:
+            result.get(timeout=5)
+            return
+        except ResultTimeout:
+            continue
+    pytest.fail("no delayed job made the round trip in 50 s")
 
 
 @pytest.fixture
