@@ -169,24 +169,65 @@ def schedule_app(conveyor_app: Any, result_backend: str) -> Iterator[Any]:
         conveyor_app.__dict__.pop(cached, None)
 
 
+@dataclass
+class Scheduling:
+    """One test's scheduling harness: the app, its ledger and the beats it started."""
+
+    app: Any
+    ledger: redis.Redis
+    worker: WorkerProcess
+    workdir: Path
+    broker_url: str
+    redis_url: str
+    started: list[BeatProcess] = field(default_factory=list)
+
+    def new_beat(self, name: str) -> BeatProcess:
+        beat = BeatProcess(
+            broker_url=self.broker_url,
+            redis_url=self.redis_url,
+            key_prefix=self.app.conf.redbeat_key_prefix,
+            workdir=self.workdir / name,
+            name=name,
+        )
+        self.started.append(beat)
+        return beat
+
+    def beat(self, name: str) -> BeatProcess:
+        return self.new_beat(name).start()
+
+    def runs(self, key: str, event: str = "start") -> list[dict[str, Any]]:
+        return runs(self.ledger, key, event)
+
+    def wait_for_runs(self, key: str, count: int, timeout: float) -> list[Any]:
+        return wait_for_runs(self.ledger, key, count, timeout)
+
+
 @pytest.fixture
-def beats(
-    tmp_path: Path, schedule_app: Any, broker_url: str, redis_url: str
-) -> Iterator[list[BeatProcess]]:
-    """Beat processes for one test (sharing its key prefix); append started ones here."""
-    started: list[BeatProcess] = []
-    yield started
-    for beat in started:
+def sched(
+    tmp_path: Path,
+    sched_worker: WorkerProcess,
+    schedule_app: Any,
+    ledger: redis.Redis,
+    broker_url: str,
+    redis_url: str,
+) -> Iterator[Scheduling]:
+    """The harness for one test; every beat it started is stopped afterwards."""
+    harness = Scheduling(schedule_app, ledger, sched_worker, tmp_path, broker_url, redis_url)
+    yield harness
+    for beat in harness.started:
         beat.stop()
 
 
-def new_beat(tmp_path: Path, app: Any, broker_url: str, redis_url: str, name: str) -> BeatProcess:
-    return BeatProcess(
-        broker_url=broker_url,
-        redis_url=redis_url,
-        key_prefix=app.conf.redbeat_key_prefix,
-        workdir=tmp_path / name,
-        name=name,
+def celery_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `celery -A tasks ...` as an operator would, with `env` added."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    return subprocess.run(
+        [celery, "-A", "tasks", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,23 +11,17 @@ from typing import Any
 import pytest
 
 from tests import worker_tasks
-from tests.infra import ROOT, RabbitNode, WorkerProcess
-from tests.scheduling.conftest import await_delayed_delivery
+from tests.infra import RabbitNode, WorkerProcess
+from tests.scheduling.conftest import await_delayed_delivery, celery_cli
 
 pytestmark = pytest.mark.integration
 
 
 def inspect_scheduled(broker_url: str, result_backend: str, node: str) -> Any:
     """`celery -A tasks inspect scheduled --json`, as an operator would run it."""
-    env = {**os.environ, "CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": result_backend}
-    celery = str(Path(sys.executable).with_name("celery"))
-    done = subprocess.run(
-        [celery, "-A", "tasks", "inspect", "scheduled", "--json", "--destination", node],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = celery_cli(
+        *("inspect", "scheduled", "--json", "--destination", node),
+        env={"CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": result_backend},
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tasks.schedule import store
 from tasks.schedule.entries import EntrySpec
-from tests.infra import WorkerProcess, wait_for
-from tests.scheduling.conftest import BeatProcess, new_beat, runs, wait_for_runs
+from tests.infra import wait_for
+from tests.scheduling.conftest import Scheduling
 
 pytestmark = pytest.mark.integration
 
 
-def intervals(ledger: redis.Redis, key: str) -> list[tuple[float, float]]:
+def intervals(sched: Scheduling, key: str) -> list[tuple[float, float]]:
     """(start, end) of each finished run, paired by task id."""
-    starts = {row["id"]: row["at"] for row in runs(ledger, key, "start")}
-    ends = {row["id"]: row["at"] for row in runs(ledger, key, "end")}
+    starts = {row["id"]: row["at"] for row in sched.runs(key, "start")}
+    ends = {row["id"]: row["at"] for row in sched.runs(key, "end")}
     return sorted((starts[task_id], end) for task_id, end in ends.items())
 
 
@@ -42,60 +40,38 @@ def slow_entry(name: str, allow_overlap: bool) -> EntrySpec:
     )
 
 
-def test_a_run_still_going_at_its_next_slot_is_not_run_twice_at_once(
-    sched_worker: WorkerProcess,
-    schedule_app: Any,
-    beats: list[BeatProcess],
-    ledger: redis.Redis,
-    tmp_path: Path,
-    broker_url: str,
-    redis_url: str,
-) -> None:
+def test_a_run_still_going_at_its_next_slot_is_not_run_twice_at_once(sched: Scheduling) -> None:
     # Given a 3 s job scheduled every second, on a worker with two processes
-    store.add(schedule_app, slow_entry("no-overlap", allow_overlap=False))
-    beats.append(new_beat(tmp_path, schedule_app, broker_url, redis_url, "beat-ov").start())
+    store.add(sched.app, slow_entry("no-overlap", allow_overlap=False))
+    sched.beat("beat-ov")
 
     # When it has been running for a while
-    wait_for(lambda: len(intervals(ledger, "no-overlap")) >= 2, 40, what="two finished runs")
-    store.pause(schedule_app, "no-overlap")
+    wait_for(lambda: len(intervals(sched, "no-overlap")) >= 2, 40, what="two finished runs")
+    store.pause(sched.app, "no-overlap")
 
     # Then no two runs overlapped, and the slots that came mid-run were skipped
-    spans = intervals(ledger, "no-overlap")
+    spans = intervals(sched, "no-overlap")
     assert overlapping(spans) == 0, spans
-    assert "skipping run of schedule entry no-overlap" in sched_worker.log()
+    assert "skipping run of schedule entry no-overlap" in sched.worker.log()
 
 
-def test_an_entry_that_allows_overlap_runs_at_every_slot(
-    sched_worker: WorkerProcess,
-    schedule_app: Any,
-    beats: list[BeatProcess],
-    ledger: redis.Redis,
-    tmp_path: Path,
-    broker_url: str,
-    redis_url: str,
-) -> None:
-    store.add(schedule_app, slow_entry("overlap-ok", allow_overlap=True))
-    beats.append(new_beat(tmp_path, schedule_app, broker_url, redis_url, "beat-ok").start())
+def test_an_entry_that_allows_overlap_runs_at_every_slot(sched: Scheduling) -> None:
+    store.add(sched.app, slow_entry("overlap-ok", allow_overlap=True))
+    sched.beat("beat-ok")
 
-    wait_for(lambda: len(intervals(ledger, "overlap-ok")) >= 2, 40, what="two finished runs")
-    store.pause(schedule_app, "overlap-ok")
+    wait_for(lambda: len(intervals(sched, "overlap-ok")) >= 2, 40, what="two finished runs")
+    store.pause(sched.app, "overlap-ok")
 
-    assert overlapping(intervals(ledger, "overlap-ok")) >= 1
+    assert overlapping(intervals(sched, "overlap-ok")) >= 1
 
 
 def test_after_beat_downtime_a_missed_slot_runs_once_within_its_expiry_and_is_skipped_after(
-    sched_worker: WorkerProcess,
-    schedule_app: Any,
-    beats: list[BeatProcess],
-    ledger: redis.Redis,
-    tmp_path: Path,
-    broker_url: str,
-    redis_url: str,
+    sched: Scheduling,
 ) -> None:
     # Given two 2 s entries: one whose runs stay worth doing for 60 s, one for 1 s only
     for name, expires in (("keeps", 60), ("goes-stale", 1)):
         store.add(
-            schedule_app,
+            sched.app,
             EntrySpec(
                 name=name,
                 task="tests.sched.record",
@@ -105,21 +81,19 @@ def test_after_beat_downtime_a_missed_slot_runs_once_within_its_expiry_and_is_sk
                 reason="test",
             ),
         )
-    beat = new_beat(tmp_path, schedule_app, broker_url, redis_url, "beat-down").start()
-    beats.append(beat)
-    wait_for_runs(ledger, "keeps", 1, timeout=30)
-    wait_for_runs(ledger, "goes-stale", 1, timeout=30)
+    beat = sched.beat("beat-down")
+    sched.wait_for_runs("keeps", 1, timeout=30)
+    sched.wait_for_runs("goes-stale", 1, timeout=30)
 
     # When beat is down for 7 s (three slots missed)
     beat.stop()
     time.sleep(7)
     up_at = time.time()
-    restarted = new_beat(tmp_path, schedule_app, broker_url, redis_url, "beat-up").start()
-    beats.append(restarted)
+    restarted = sched.beat("beat-up")
     time.sleep(4)
 
     def between(key: str, start: float, end: float) -> list[dict[str, Any]]:
-        return [row for row in runs(ledger, key) if start <= row["at"] < end]
+        return [row for row in sched.runs(key) if start <= row["at"] < end]
 
     # Then the entry within its expiry ran once on recovery (no burst of the missed slots) ...
     recovered_at = min(row["at"] for row in between("keeps", up_at, up_at + 60))
