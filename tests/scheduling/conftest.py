@@ -132,24 +132,27 @@ def sched_worker(
 
 
 def await_delayed_delivery(connection: Any = None) -> None:
-    """Return once a delayed job makes the round trip.
+    """Return once a delayed job makes the round trip (a publish, then a delivery).
 
     The worker's readiness file can appear before its DelayedDelivery step has declared the
     delay exchanges on a fresh broker (both steps only require Tasks), and a delayed publish
     before that is dropped as unroutable.
     """
+    from amqp.exceptions import NotFound
     from celery.exceptions import TimeoutError as ResultTimeout
 
     from tests import worker_tasks
 
-    for _ in range(10):
-        result = worker_tasks.add.apply_async((1, 1), countdown=1, connection=connection)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         try:
-            result.get(timeout=5)
+            # NotFound: the delay exchanges are not declared yet; a timeout: the queue's
+            # binding to them was not there yet when the delay ended.
+            worker_tasks.add.apply_async((1, 1), countdown=1, connection=connection).get(timeout=5)
             return
-        except ResultTimeout:
-            continue
-    pytest.fail("no delayed job made the round trip in 50 s")
+        except (NotFound, ResultTimeout):
+            time.sleep(0.5)
+    pytest.fail("no delayed job made the round trip in 60 s")
 
 
 @pytest.fixture
