@@ -2,7 +2,7 @@
 
 Beat stamps each run with its entry's name and policy (headers, see entries.py). Before a
 run starts, the worker takes a Redis lock keyed by the entry; if another run of the same entry
-holds it, this run is skipped (state IGNORED, logged) instead of running twice at once. The
+holds it, this run is skipped (state SKIPPED, logged) instead of running twice at once. The
 lock's value is the task id, so a redelivered run (same id, after a crash) gets back in, and
 only the holder releases it. Its TTL is the task's hard time limit plus a margin: a run whose
 process was SIGKILLed cannot block its entry for longer than that.
@@ -25,6 +25,8 @@ from tasks.schedule.entries import ENTRY_HEADER, OVERLAP_HEADER
 
 logger = get_task_logger(__name__)
 
+#: The state of a run skipped because the previous one was still going.
+SKIPPED = "SKIPPED"
 #: Seconds the lock outlives the task's hard time limit.
 LOCK_MARGIN = 60
 #: Release only our own lock: compare the holder's task id, then delete.
@@ -78,6 +80,11 @@ def enter(task: Any, task_id: str) -> None:
         "skipping run of schedule entry %s: the previous run %s is still going",
         entry,
         holder or "?",
+    )
+    # A final state of its own: the run was already stored as STARTED, and Ignore stores
+    # nothing, so without this it would look started forever.
+    task.update_state(
+        task_id=task_id, state=SKIPPED, meta={"entry": entry, "running": holder or None}
     )
     raise Ignore()
 

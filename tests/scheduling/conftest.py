@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import redis
 
 from tests.infra import ROOT, WorkerProcess, compose_command, wait_for
 
+#: What beat logs when it takes the lock (tasks/schedule/scheduler.py).
+ACTIVE_LINE = "this beat is now the active one"
 #: Include for the scheduling worker: the foundation's test tasks and ours.
 INCLUDE = "--include=tests.worker_tasks,tests.scheduling.tasks"
 
@@ -86,7 +89,13 @@ class BeatProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def is_active(self) -> bool:
-        return "this beat is now the active one" in self.log()
+        return ACTIVE_LINE in self.log()
+
+    def became_active_at(self) -> float:
+        """When this beat took the lock (epoch seconds, from its log line)."""
+        line = next(line for line in self.log().splitlines() if ACTIVE_LINE in line)
+        stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        return time.mktime(stamp.timetuple()) + stamp.microsecond / 1e6
 
     def kill(self) -> None:
         """SIGKILL: the lock is not released, as after a crash or an OOM kill."""

@@ -50,12 +50,15 @@ def test_two_beats_fire_each_slot_once_and_a_killed_beat_is_replaced_within_the_
     killed_at = time.time()
     before = len(sched.runs("pair"))
 
-    # Then the standby fires the entry within the documented bound (20 s lock + 5 s poll)
+    # Then the standby takes the lock within the documented bound (20 s lock + 5 s retry),
+    # and fires the entry by its next slot (the missed one is older than its expiry: skipped)
     found = sched.wait_for_runs("pair", before + 1, timeout=40)
-    handover = found[before]["at"] - killed_at
-    record_property("handover_seconds", round(handover, 2))
-    assert handover <= 30, f"handover took {handover:.1f}s"
-    assert standby.is_active()
+    wait_for(standby.is_active, 5, what="the standby to log its takeover")
+    takeover = standby.became_active_at() - killed_at
+    record_property("takeover_seconds", round(takeover, 2))
+    record_property("first_run_after_kill_seconds", round(found[before]["at"] - killed_at, 2))
+    assert takeover <= 25 + 2, f"takeover took {takeover:.1f}s"
+    assert found[before]["at"] - killed_at <= takeover + 2 + 1.5
 
     # And with the killed beat restarted as a standby, every slot still ran exactly once
     restarted = sched.beat("beat-1b")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from typing import Any
 
 import pytest
+import redis
 
 from tasks.schedule import store
 from tasks.schedule.entries import EntrySpec
@@ -25,6 +27,11 @@ def intervals(sched: Scheduling, key: str) -> list[tuple[float, float]]:
 
 def overlapping(spans: list[tuple[float, float]]) -> int:
     return sum(1 for (_, end), (start, _) in itertools.pairwise(spans) if start < end)
+
+
+def stored_results(app: Any) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(app.conf.result_backend)
+    return [json.loads(client.get(key) or "{}") for key in client.scan_iter("celery-task-meta-*")]
 
 
 def slow_entry(name: str, allow_overlap: bool) -> EntrySpec:
@@ -53,6 +60,12 @@ def test_a_run_still_going_at_its_next_slot_is_not_run_twice_at_once(sched: Sche
     spans = intervals(sched, "no-overlap")
     assert overlapping(spans) == 0, spans
     assert "skipping run of schedule entry no-overlap" in sched.worker.log()
+    skipped = [
+        meta
+        for meta in stored_results(sched.app)
+        if meta.get("status") == "SKIPPED" and meta["result"]["entry"] == "no-overlap"
+    ]
+    assert skipped, "a skipped run is stored as SKIPPED"
 
 
 def test_an_entry_that_allows_overlap_runs_at_every_slot(sched: Scheduling) -> None:
