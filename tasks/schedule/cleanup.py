@@ -22,6 +22,8 @@ CLEANERS: dict[str, Cleaner] = {}
 DEFAULT_BUDGET = 10_000
 #: Result-backend key patterns that Celery always writes with an expiry.
 RESULT_PATTERNS = ("celery-task-meta-*", "celery-taskset-meta-*", "chord-unlock-*")
+#: Where each result pattern's SCAN cursor is kept between runs.
+CURSOR_PREFIX = "conveyor:cleanup:cursor:"
 #: Queue-health snapshots kept (one a minute: one day).
 HEALTH_HISTORY = 1440
 
@@ -40,7 +42,9 @@ def cleaner(name: str) -> Callable[[Cleaner], Cleaner]:
 def expire_results_without_ttl(app: Celery, budget: int) -> int:
     """Give result keys that have no TTL (written under another result_expires) the current one.
 
-    Redis drops expired results by itself; what piles up is keys that never got a TTL.
+    Redis drops expired results by itself; what piles up is keys that never got a TTL. Each
+    run resumes the SCAN where the previous one stopped, so a budget smaller than the key
+    count still covers every key over successive runs.
     """
     backend: Any = app.backend
     client = backend.client
@@ -48,15 +52,22 @@ def expire_results_without_ttl(app: Celery, budget: int) -> int:
     seconds = int(ttl.total_seconds() if hasattr(ttl, "total_seconds") else ttl or 0)
     if seconds <= 0:
         return 0  # results are meant to be kept: nothing is expired
-    fixed = seen = 0
+    fixed = 0
+    per_pattern = max(1, budget // len(RESULT_PATTERNS))
     for pattern in RESULT_PATTERNS:
-        for key in client.scan_iter(match=pattern, count=500):
-            seen += 1
-            if client.ttl(key) == -1:
-                client.expire(key, seconds)
-                fixed += 1
-            if seen >= budget:
-                return fixed
+        cursor_key = f"{CURSOR_PREFIX}{pattern}"
+        cursor = int(client.get(cursor_key) or 0)
+        seen = 0
+        while seen < per_pattern:
+            cursor, keys = client.scan(cursor=cursor, match=pattern, count=500)
+            seen += len(keys)
+            for key in keys:
+                if client.ttl(key) == -1:
+                    client.expire(key, seconds)
+                    fixed += 1
+            if cursor == 0:
+                break
+        client.set(cursor_key, cursor)
     return fixed
 
 
