@@ -134,10 +134,13 @@ def sched_worker(
             "CONVEYOR_TEST_LEDGER_URL": ledger_url,
             "CONVEYOR_SCHEDULE_REDIS_URL": result_backend,
         },
-    ).start()
-    await_delayed_delivery()
-    yield process
-    process.stop()
+    )
+    try:
+        process.start()
+        await_delayed_delivery()
+        yield process
+    finally:
+        process.stop()
 
 
 def await_delayed_delivery(connection: Any = None) -> None:

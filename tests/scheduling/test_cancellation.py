@@ -43,17 +43,19 @@ def test_a_cancelled_delayed_job_never_runs_even_on_a_worker_started_after_the_c
             env=env,
         )
 
-    # Given two jobs delayed 8 s, one of them cancelled, while the first worker runs
-    first = worker("before-cancel").start()
-    await_delayed_delivery()
-    kept = sched_tasks.record.apply_async(("kept",), countdown=8)
-    cancelled = sched_tasks.record.apply_async(("cancelled",), countdown=8)
-    cancel(conveyor_app, cancelled.id)
-
-    # When that worker is replaced by a new one (which never saw Celery's in-memory revoke)
-    first.stop()
-    second = worker("after-cancel").start()
+    first, second = worker("before-cancel"), worker("after-cancel")
     try:
+        # Given two jobs delayed 8 s, one of them cancelled, while the first worker runs
+        first.start()
+        await_delayed_delivery()
+        kept = sched_tasks.record.apply_async(("kept",), countdown=8)
+        cancelled = sched_tasks.record.apply_async(("cancelled",), countdown=8)
+        cancel(conveyor_app, cancelled.id)
+
+        # When that worker is replaced by a new one (which never saw Celery's in-memory revoke)
+        first.stop()
+        second.start()
+
         # Then only the job that was not cancelled runs, and the other is marked REVOKED
         kept.get(timeout=40)
         deadline = time.time() + 10
@@ -64,4 +66,5 @@ def test_a_cancelled_delayed_job_never_runs_even_on_a_worker_started_after_the_c
         assert ledger.llen("runs:kept") == 1
         assert "was cancelled; discarding it" in second.log()
     finally:
+        first.stop()
         second.stop()
