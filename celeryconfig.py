@@ -244,6 +244,23 @@ if conveyor_signing:
             "CONVEYOR_SIGNING_CERT_STORE"
         )
 
+# --- Scheduling ----------------------------------------------------------------------------------
+#: celery-redbeat keeps the schedule in Redis (editable at runtime, kept across restarts) and
+#: lets only the holder of a Redis lock fire; Conveyor's subclass adds a standby that keeps
+#: answering ping and the missed-run policy. See docs/scheduling.md.
+beat_scheduler = "tasks.schedule.scheduler:ConveyorScheduler"
+#: Its own variable, so the schedule can live apart from results; the result Redis by default.
+redbeat_redis_url = os.environ.get("CONVEYOR_SCHEDULE_REDIS_URL", result_backend)
+#: Explicit, so redbeat does not fall back to the broker's transport options.
+redbeat_redis_options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+redbeat_key_prefix = "redbeat:"
+#: A killed beat's lock expires after this; a standby retries every beat_max_loop_interval,
+#: so another beat takes over within 20 + 5 = 25 s. The active beat renews it every tick.
+redbeat_lock_timeout = 20
+beat_max_loop_interval = 5
+#: Install the entries of tasks/schedule/entries.py (tests turn this off).
+conveyor_beat_builtin_entries = True
+
 
 def _apply_environment_overrides() -> None:
     """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""

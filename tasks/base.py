@@ -8,6 +8,8 @@ from typing import Any
 
 import celery
 
+from tasks.schedule import overlap
+
 
 def publish_options(
     options: dict[str, Any],
@@ -68,3 +70,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        # Periodic runs must not overlap their entry's previous run (tasks/schedule/overlap.py).
+        overlap.enter(self, task_id)

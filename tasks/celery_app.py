@@ -7,7 +7,7 @@ import workers
 app = Celery(
     "tasks",
     # Strings, so that this module never imports the domain modules (no import cycle).
-    include=["tasks.webhooks", "tasks.batch.tasks"],
+    include=["tasks.webhooks", "tasks.batch.tasks", "tasks.schedule.jobs"],
     task_cls="tasks.base:Task",
 )
 app.config_from_object("celeryconfig")

@@ -14,6 +14,9 @@ EXPECTED_TASKS = {
     "batch.process_chunk",
     "batch.finalize",
     "batch.publish_file",
+    "schedule.cleanup_expired_data",
+    "schedule.daily_report",
+    "schedule.queue_health",
 }
 
 

@@ -1,0 +1,214 @@
+"""Periodic entries on real beat and worker processes, a private RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tasks.schedule import store
+from tasks.schedule.entries import EntrySpec
+from tasks.schedule.queue_health import LATEST_KEY, schedule_redis
+from tests.infra import wait_for
+from tests.scheduling.conftest import Scheduling, celery_cli
+
+pytestmark = pytest.mark.integration
+
+
+def record_every(name: str, seconds: float, **extra: Any) -> EntrySpec:
+    fields: dict[str, Any] = {"expires": 10, "reason": "test", **extra}
+    return EntrySpec(name=name, task="tests.sched.record", every=seconds, args=(name,), **fields)
+
+
+def test_an_interval_entry_fires_at_its_cadence(sched: Scheduling) -> None:
+    store.add(sched.app, record_every("cadence", 2))
+    sched.beat("beat-a")
+
+    found = sched.wait_for_runs("cadence", 5, timeout=40)
+
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(found)]
+    assert all(1.5 < gap < 2.8 for gap in gaps), gaps
+
+
+def test_two_beats_fire_each_slot_once_and_a_killed_beat_is_replaced_within_the_bound(
+    sched: Scheduling, record_property: Any
+) -> None:
+    # F14. Given two beats and a 2 s entry
+    store.add(sched.app, record_every("pair", 2))
+    first = sched.beat("beat-1")
+    second = sched.beat("beat-2")
+    sched.wait_for_runs("pair", 4, timeout=40)
+    assert [first.is_active(), second.is_active()].count(True) == 1
+
+    # When the active beat is killed without releasing its lock
+    active, standby = (first, second) if first.is_active() else (second, first)
+    active.kill()
+    killed_at = time.time()
+    before = len(sched.runs("pair"))
+
+    # Then the standby takes the lock within the documented bound (20 s lock + 5 s retry),
+    # and fires the entry by its next slot (the missed one is older than its expiry: skipped)
+    found = sched.wait_for_runs("pair", before + 1, timeout=40)
+    wait_for(standby.is_active, 5, what="the standby to log its takeover")
+    takeover = standby.became_active_at() - killed_at
+    record_property("takeover_seconds", round(takeover, 2))
+    record_property("first_run_after_kill_seconds", round(found[before]["at"] - killed_at, 2))
+    assert takeover <= 25 + 2, f"takeover took {takeover:.1f}s"
+    assert found[before]["at"] - killed_at <= takeover + 2 + 1.5
+
+    # And with the killed beat restarted as a standby, every slot still ran exactly once
+    restarted = sched.beat("beat-1b")
+    sched.wait_for_runs("pair", before + 4, timeout=30)
+    assert not restarted.is_active()
+    slots = sched.ledger.hgetall("slots:pair")
+    assert len(slots) >= before + 4
+    assert {count for count in slots.values()} == {"1"}, slots
+
+
+def test_runtime_add_pause_resume_and_remove_take_effect_without_a_restart(
+    sched: Scheduling,
+) -> None:
+    # Given a running beat with no entries
+    sched.beat("beat-rt")
+    time.sleep(2)
+
+    # add: runs start
+    store.add(sched.app, record_every("edited", 1))
+    sched.wait_for_runs("edited", 2, timeout=20)
+
+    # pause: no run while paused (one already sent may still land)
+    store.pause(sched.app, "edited")
+    time.sleep(1.5)
+    paused_count = len(sched.runs("edited"))
+    time.sleep(4)
+    assert len(sched.runs("edited")) == paused_count
+    assert store.get(sched.app, "edited").enabled is False
+
+    # resume: runs again
+    store.resume(sched.app, "edited")
+    sched.wait_for_runs("edited", paused_count + 2, timeout=20)
+
+    # remove: stops for good
+    store.remove(sched.app, "edited")
+    time.sleep(1.5)
+    removed_count = len(sched.runs("edited"))
+    time.sleep(4)
+    assert len(sched.runs("edited")) == removed_count
+    assert [view.name for view in store.list_entries(sched.app)] == []
+
+
+def cli(app: Any, *args: str, broker_url: str) -> subprocess.CompletedProcess[str]:
+    """`celery -A tasks schedule ...` against this test's broker and schedule."""
+    env = {
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_RESULT_BACKEND": app.conf.redbeat_redis_url,
+        "CONVEYOR_SCHEDULE_REDIS_URL": app.conf.redbeat_redis_url,
+        "CELERY_REDBEAT_KEY_PREFIX": app.conf.redbeat_key_prefix,
+    }
+    return celery_cli("schedule", *args, env=env)
+
+
+def test_schedule_add_from_the_command_line_takes_effect_on_a_running_system(
+    sched: Scheduling,
+) -> None:
+    # Given a running beat and worker, and no queue-health snapshot yet
+    sched.beat("beat-cli")
+    client = schedule_redis(sched.app)
+    client.delete(LATEST_KEY)
+
+    # When an operator adds the real queue-health job every 2 s
+    added_at = time.time()
+    done = cli(
+        sched.app,
+        *("add", "health-now", "schedule.queue_health", "--every", "2", "--json"),
+        broker_url=sched.broker_url,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["task"] == "schedule.queue_health"
+
+    # Then it runs, recording every queue and the dead-letter count
+    raw = wait_for(lambda: client.get(LATEST_KEY), 30, what="a queue-health snapshot")
+    snapshot = json.loads(raw)
+    assert snapshot["at"] > added_at
+    assert set(snapshot["queues"]) >= {"default", "batch", "scheduled", "priority"}
+    assert snapshot["dead_letters"] is not None
+
+    def listed() -> list[dict[str, Any]]:
+        done = cli(sched.app, "list", "--json", broker_url=sched.broker_url)
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    assert [(e["name"], e["enabled"]) for e in listed()] == [("health-now", True)]
+    assert cli(sched.app, "pause", "health-now", broker_url=sched.broker_url).returncode == 0
+    assert [(e["name"], e["enabled"]) for e in listed()] == [("health-now", False)]
+    ran = cli(sched.app, "run-now", "health-now", "--json", broker_url=sched.broker_url)
+    assert ran.returncode == 0, ran.stderr
+    assert sched.app.AsyncResult(json.loads(ran.stdout)["task_id"]).get(timeout=30)["queues"]
+    assert cli(sched.app, "remove", "health-now", broker_url=sched.broker_url).returncode == 0
+    assert listed() == []
+
+
+def test_both_the_active_and_a_standby_beat_answer_the_healthcheck_ping(
+    sched: Scheduling,
+) -> None:
+    first, second = sched.beat("beat-ping-1"), sched.beat("beat-ping-2")
+    wait_for(lambda: first.is_active() or second.is_active(), 20, what="an active beat")
+
+    for beat in (first, second):
+        # compose.yaml's healthcheck command, with this beat's node name
+        done = celery_cli(
+            *("inspect", "ping", "--destination", beat.node, "--timeout", "10"),
+            env={"CELERY_BROKER_URL": sched.broker_url},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "pong" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cron", "61 * * * *"], "invalid cron expression"),
+        (["--cron", "* * *"], "expected 5 fields"),
+        (["--every", "5", "--queue", "nowhere"], "unknown queue 'nowhere'"),
+        (["--every", "5", "--kwargs", "[1]"], "must be a JSON dict"),
+    ],
+)
+def test_the_command_line_rejects_bad_entries_clearly(
+    schedule_app: Any, broker_url: str, args: list[str], message: str
+) -> None:
+    done = cli(schedule_app, "add", "bad", "schedule.queue_health", *args, broker_url=broker_url)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def test_the_command_line_rejects_an_unknown_task_name(schedule_app: Any, broker_url: str) -> None:
+    done = cli(
+        schedule_app, "add", "bad", "schedule.no_such", "--every", "5", broker_url=broker_url
+    )
+    assert done.returncode == 1
+    assert "unknown task 'schedule.no_such'" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_beats_running_for_a_minute_run_each_two_second_slot_exactly_once(
+    sched: Scheduling,
+) -> None:
+    # Acceptance: two beats, a 2 s schedule, a minute
+    store.add(sched.app, record_every("minute", 2))
+    sched.beat("beat-m1")
+    sched.beat("beat-m2")
+    time.sleep(60)
+    store.pause(sched.app, "minute")
+    time.sleep(3)  # let the last sent run land
+
+    found = sched.runs("minute")
+    slots = sched.ledger.hgetall("slots:minute")
+    assert len(found) >= 28, len(found)
+    assert len(found) == len(slots)
+    assert set(slots.values()) == {"1"}, slots
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(found)]
+    assert all(1.5 < gap < 2.8 for gap in gaps), gaps
