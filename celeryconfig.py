@@ -222,8 +222,14 @@ conveyor_rabbitmq_api = os.environ.get("CONVEYOR_RABBITMQ_API") or None
 #: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
 #: A metrics factory takes the app and returns a prometheus_client Collector (workers/metrics.py);
 #: an overview section takes the app and returns (title, rows) (workers/overview.py).
-conveyor_metrics_collectors: list[str] = ["tasks.batch.monitoring:collector"]
-conveyor_overview_sections: list[str] = ["tasks.batch.monitoring:overview_section"]
+conveyor_metrics_collectors: list[str] = [
+    "tasks.batch.monitoring:collector",
+    "tasks.schedule.monitoring:collector",
+]
+conveyor_overview_sections: list[str] = [
+    "tasks.batch.monitoring:overview_section",
+    "tasks.schedule.monitoring:overview_section",
+]
 
 # --- Message signing (optional) -----------------------------------------------------------
 #: Off by default. When on, every task message is signed with this process's key and only

@@ -212,3 +212,33 @@ def test_two_beats_running_for_a_minute_run_each_two_second_slot_exactly_once(
     assert set(slots.values()) == {"1"}, slots
     gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(found)]
     assert all(1.5 < gap < 2.8 for gap in gaps), gaps
+
+
+def test_each_entrys_last_success_and_interval_are_exported(sched: Scheduling) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tasks.schedule import monitoring
+
+    # Given an entry that has run successfully through beat and a worker
+    sched.app.backend.client.hdel(monitoring.LAST_SUCCESS_KEY, "exported")
+    sched.beat("beat-metrics")
+    store.add(sched.app, record_every("exported", 1))
+    sched.wait_for_runs("exported", 2, timeout=20)
+    started = time.time()
+
+    # Then the exporter's collector shows its last success and its interval
+    registry = CollectorRegistry()
+    registry.register(monitoring.collector(sched.app))
+    samples = {
+        (metric.name, sample.labels.get("entry")): sample.value
+        for metric in registry.collect()
+        for sample in metric.samples
+    }
+    assert samples[("conveyor_schedule_interval_seconds", "exported")] == 1.0
+    assert samples[("conveyor_schedule_enabled", "exported")] == 1.0
+    last = samples[("conveyor_schedule_last_success_timestamp_seconds", "exported")]
+    assert started - 5 < last <= time.time()
+    title, rows = monitoring.overview_section(sched.app)
+    assert title == "schedules"
+    assert [row["entry"] for row in rows] == ["exported"]
+    assert "conveyor_schedule_last_success" in generate_latest(registry).decode()
