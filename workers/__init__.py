@@ -8,12 +8,13 @@ from celery import Celery
 def install(app: Celery) -> None:
     """Attach Conveyor's worker hooks to `app`; called once by tasks.celery_app."""
     # Imported here so that `python -m workers.health` does not import itself twice.
-    from workers import cancellation, dead_letter, health, logs, shutdown, tracing
+    from workers import cancellation, dead_letter, health, logs, redaction, shutdown, tracing
 
     logs.connect()
     shutdown.connect()
     tracing.connect()
     cancellation.connect()
+    redaction.install()
     app.steps["consumer"].add(dead_letter.DeclareDeadLetterQueue)
     app.steps["consumer"].add(health.ReadinessProbe)
     app.steps["worker"].add(health.LivenessProbe)
