@@ -16,6 +16,7 @@ WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py flowerconfig.py ./
 COPY tasks ./tasks
 COPY workers ./workers
+COPY deploy/rabbitmq/definitions.py ./deploy/rabbitmq/definitions.py
 RUN pip install .
 
 # Celery refuses nothing as root, but a task should never run with root's rights.

@@ -51,7 +51,9 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     },
     "worker": {"configure": CELERY_ENTITIES, "write": CELERY_ENTITIES, "read": CELERY_ENTITIES},
     "monitor": {
-        "configure": rf"^({MONITOR_OWN})$",
+        # Declaring the event and remote-control exchanges (idempotent) is part of binding to
+        # them; that is the only configure right it has on shared entities.
+        "configure": rf"^({MONITOR_OWN}|celeryev|celery\.pidbox|reply\.celery\.pidbox)$",
         "write": rf"^({MONITOR_OWN}|celery\.pidbox)$",
         "read": rf"^({MONITOR_OWN}|celeryev|reply\.celery\.pidbox)$",
     },

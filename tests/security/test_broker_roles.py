@@ -21,6 +21,17 @@ PASSWORDS = {
     "CONVEYOR_WORKER_PASSWORD": "wrk-pw-3",
     "CONVEYOR_MONITOR_PASSWORD": "mon-pw-4",
 }
+#: What Flower does with the broker: capture worker events for a few seconds.
+WATCH_EVENTS = (
+    "import threading\n"
+    "from tasks import app\n"
+    "seen = set()\n"
+    "with app.connection_for_read() as conn:\n"
+    "    recv = app.events.Receiver(conn, handlers={'*': lambda e: seen.add(e['type'])})\n"
+    "    threading.Timer(5, setattr, (recv, 'should_stop', True)).start()\n"
+    "    recv.capture()\n"
+    "print(sorted(seen))\n"
+)
 PRODUCE = "from tests.worker_tasks import add\nprint(add.delay(4, 5).get(timeout=30))\n"
 
 
@@ -94,6 +105,21 @@ def test_the_worker_role_runs_tasks_that_the_producer_role_sends(
             [sys.executable, "-c", delayed], cwd=ROOT, env=env, capture_output=True, text=True
         )
         assert done.stdout.strip() == "2", done.stderr
+        # And the monitor role (Flower, the exporter) can ping the worker and read its events
+        monitor_env = {**env, "CELERY_BROKER_URL": url(node, "monitor")}
+        ping = subprocess.run(
+            [str(Path(sys.executable).with_name("celery")), "-A", "tasks", "inspect", "ping",
+             "--destination", worker.node, "--json"],
+            cwd=ROOT, env=monitor_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert ping.returncode == 0, ping.stderr
+        assert worker.node in ping.stdout
+        events = subprocess.run(
+            [sys.executable, "-c", WATCH_EVENTS],
+            cwd=ROOT, env=monitor_env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert events.returncode == 0, events.stderr
+        assert "worker-heartbeat" in events.stdout
     finally:
         worker.stop()
     assert "ACCESS_REFUSED" not in worker.log()

@@ -6,11 +6,19 @@ import os
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from tests.infra import ROOT, compose_command, require
 
-REQUIRED = {"RABBITMQ_USER": "conveyor", "RABBITMQ_PASSWORD": "pw", "FLOWER_BASIC_AUTH": "a:b"}
+REQUIRED = {
+    "CONVEYOR_ADMIN_PASSWORD": "pw-admin",
+    "CONVEYOR_PRODUCER_PASSWORD": "pw-producer",
+    "CONVEYOR_WORKER_PASSWORD": "pw-worker",
+    "CONVEYOR_MONITOR_PASSWORD": "pw-monitor",
+    "REDIS_PASSWORD": "pw-redis",
+    "FLOWER_BASIC_AUTH": "a:b",
+}
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -32,20 +40,51 @@ def test_the_compose_file_validates() -> None:
     services = yaml.safe_load(done.stdout)["services"]
     assert {"rabbitmq", "redis", "worker", "worker_priority", "beat", "flower"} <= set(services)
     for name, service in services.items():
+        if name == "rabbitmq-definitions":
+            continue  # a one-shot step: the broker waits for it to complete
         assert "healthcheck" in service, f"{name} has no healthcheck"
+    assert services["rabbitmq"]["depends_on"] == {
+        "rabbitmq-definitions": {"condition": "service_completed_successfully"}
+    }
     for name in ("worker", "worker_priority", "beat", "flower"):
         conditions = {dep["condition"] for dep in services[name]["depends_on"].values()}
         assert conditions == {"service_healthy"}, name
 
 
-def test_compose_refuses_to_start_without_its_secrets() -> None:
-    done = compose_config({})
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_compose_refuses_to_start_without_each_of_its_secrets(missing: str) -> None:
+    done = compose_config({k: v for k, v in REQUIRED.items() if k != missing})
     assert done.returncode != 0
-    assert "RABBITMQ" in done.stderr
+    assert missing in done.stderr
+
+
+def test_redis_has_a_password_and_no_published_port() -> None:
+    services = yaml.safe_load(compose_config(REQUIRED).stdout)["services"]
+    assert "ports" not in services["redis"]
+    assert "--requirepass" in " ".join(services["redis"]["command"])
+    for name in ("worker", "beat", "flower", "exporter"):
+        backend = services[name]["environment"]["CELERY_RESULT_BACKEND"]
+        assert backend.startswith("redis://:pw-redis@"), name
+
+
+def test_each_service_uses_its_broker_role() -> None:
+    services = yaml.safe_load(compose_config(REQUIRED).stdout)["services"]
+    roles = {
+        name: services[name]["environment"]["CELERY_BROKER_URL"].split("//")[1].split(":")[0]
+        for name in ("worker", "worker_priority", "beat", "flower", "exporter")
+    }
+    assert roles == {
+        "worker": "conveyor-worker",
+        "worker_priority": "conveyor-worker",
+        "beat": "conveyor-worker",
+        "flower": "conveyor-monitor",
+        "exporter": "conveyor-monitor",
+    }
 
 
 def test_compose_never_uses_the_guest_account() -> None:
-    assert "guest" not in (ROOT / "compose.yaml").read_text()
+    resolved = compose_config(REQUIRED).stdout  # comments dropped, variables filled in
+    assert "guest" not in resolved
 
 
 def test_every_variable_compose_reads_is_listed_in_env_example() -> None:
