@@ -5,8 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     CONVEYOR_HEALTH_DIR=/tmp/conveyor-health \
-    CONVEYOR_LOG_FORMAT=json \
-    CONVEYOR_BEAT_SCHEDULE_FILE=/var/lib/conveyor/celerybeat-schedule
+    CONVEYOR_LOG_FORMAT=json
 
 RUN useradd --create-home --uid 10001 conveyor \
     && mkdir -p /var/lib/conveyor \

@@ -190,7 +190,6 @@ worker_send_task_events = True
 task_send_sent_event = True
 #: Beat answers `celery inspect ping` as celerybeat@<host>, which its healthcheck uses.
 beat_enable_remote_control = True
-beat_schedule_filename = os.environ.get("CONVEYOR_BEAT_SCHEDULE_FILE", "celerybeat-schedule")
 
 # --- Time ----------------------------------------------------------------------------------------
 timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")

@@ -41,7 +41,6 @@ def test_beat_answers_its_liveness_probe_and_a_frozen_beat_does_not(
     env = {
         "CELERY_BROKER_URL": managed_rabbit.url,
         "CELERY_RESULT_BACKEND": monitored_backend,
-        "CONVEYOR_BEAT_SCHEDULE_FILE": str(tmp_path / "celerybeat-schedule"),
     }
     assert compose_command("beat")[:4] == ["celery", "-A", "tasks", "beat"]
     beat = ServiceProcess(project_command("beat"), env, tmp_path / "beat.log").start()
