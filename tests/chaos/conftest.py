@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,23 @@ def restart(worker: WorkerProcess) -> WorkerProcess:
     """Start a stopped or killed worker again under the same node name."""
     probe_path_for(worker, "ready").unlink(missing_ok=True)
     return worker.start(timeout=90)
+
+
+@dataclass
+class Chaos:
+    """What a scenario needs: the app, the ledger, the node and a way to start workers."""
+
+    app: Any
+    ledger: redis.Redis
+    rabbit: ChaosRabbitNode
+    start_worker: WorkerFactory
+
+
+@pytest.fixture
+def chaos(
+    chaos_app: Any,
+    chaos_ledger: redis.Redis,
+    chaos_rabbit: ChaosRabbitNode,
+    start_worker: WorkerFactory,
+) -> Chaos:
+    return Chaos(chaos_app, chaos_ledger, chaos_rabbit, start_worker)
