@@ -61,8 +61,76 @@ def count_rejection(reason: str, message: Any, detail: object = "") -> int:
 
 def dead_letter_undecodable(message: Any, exc: BaseException) -> None:
     """Replacement for Consumer.on_decode_error: reject (dead-letter) instead of ack (drop)."""
-    count_rejection("undecodable", message, f"{type(exc).__name__}: {exc}")
+    reason = "content_disallowed" if type(exc).__name__ == "ContentDisallowed" else "undecodable"
+    count_rejection(reason, message, f"{type(exc).__name__}: {exc}")
     message.reject(requeue=False)
+
+
+def protocol_problem(message: Any) -> str | None:
+    """What makes a protocol-2 task message unusable, or None.
+
+    Celery 5.7 accepts a message whose ``id`` header is missing, or whose ``timelimit`` is not a
+    pair, and then never acknowledges it: the worker holds it (and, at prefetch 1, stops taking
+    work) until RabbitMQ's consumer_timeout closes the channel and the worker exits with
+    PRECONDITION_FAILED (found by test_b9). Such messages are rejected before Celery sees them.
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None  # not protocol 2: Celery's own checks apply
+    if not isinstance(headers.get("task"), str):
+        return f"task header must be a string, got {headers.get('task')!r:.80}"
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        return f"id header must be a non-empty string, got {task_id!r:.80}"
+    retries = headers.get("retries", 0)
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
+        return f"retries header must be an integer, got {retries!r:.80}"
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list | tuple)
+        and len(limits) == 2
+        and all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in limits
+        )
+    ):
+        return f"timelimit header must be [hard, soft] seconds or null, got {limits!r:.80}"
+    return None
+
+
+def guard_task_handler(c: Any) -> None:
+    """Make every message Celery fails to turn into a request a rejection, not a worker exit.
+
+    Celery's task handler assumes a decodable, well-formed message. A message with a task
+    header but no content type reaches ``'args' in message.payload`` with bytes and raises
+    TypeError inside the event loop: "Unrecoverable error", the worker exits, and the message
+    is redelivered to the next worker (celery 5.7, found by test_b5). The guard wraps the
+    handler the event loop installs; connection errors still propagate, as Celery expects.
+    """
+    create = c.create_task_handler
+    connection_errors = tuple(c.connection_errors)
+
+    def create_guarded(*args: Any, **kwargs: Any) -> Any:
+        handler = create(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            problem = protocol_problem(message)
+            if problem:
+                count_rejection("malformed", message, problem)
+                message.reject(requeue=False)
+                return None
+            try:
+                return handler(message)
+            except connection_errors:
+                raise
+            except Exception as exc:
+                count_rejection("malformed", message, f"{type(exc).__name__}: {exc}")
+                if not message.acknowledged:
+                    message.reject(requeue=False)
+                return None
+
+        return on_task_received
+
+    c.create_task_handler = create_guarded
 
 
 def unroutable_entities(conf: Any) -> tuple[Exchange, Queue]:
@@ -85,6 +153,7 @@ class DeadLetterBadInput(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         # Set before the Tasks step builds the task consumer, which reads this attribute.
         c.on_decode_error = dead_letter_undecodable
+        guard_task_handler(c)
 
     def start(self, c: Any) -> None:
         _, queue = unroutable_entities(c.app.conf)
