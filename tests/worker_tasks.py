@@ -74,3 +74,13 @@ def idempotent_effect(self: Any, key: str, seconds: float) -> int:
     time.sleep(seconds)
     outcome = self.run_once(key, lambda: int(ledger.hincrby("effects", key, 1)), lease=3)
     return int(outcome.value)
+
+
+@app.task(name="tests.transient", bind=True, max_retries=2)
+def transient(self: Any, key: str) -> str:
+    """Raises ConnectionError while the ledger has `broken:<key>`: retried, then dead-lettered."""
+    ledger = _ledger()
+    ledger.hincrby("runs", self.request.id, 1)
+    if ledger.exists(f"broken:{key}"):
+        raise ConnectionError(f"{key} is down")
+    return "ok"
