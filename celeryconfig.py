@@ -174,6 +174,11 @@ enable_utc = True
 #: carry ids, not data, and a big message stalls a quorum queue's replication. RabbitMQ's own
 #: max_message_size (128 MiB on 3.10) is far above it.
 conveyor_max_argument_bytes = int(os.environ.get("CONVEYOR_MAX_ARGUMENT_BYTES", "1000000"))
+#: A channel error (above all PRECONDITION_FAILED when a delivery outlived the broker's
+#: consumer_timeout, e.g. after the broker was frozen) restarts the consumer instead of ending
+#: the worker with "Unrecoverable error" (celery#6760; found by the F9 chaos run). Unacked
+#: messages go back to the queue and are redelivered.
+broker_channel_error_retry = True
 #: Where idempotency markers live (tasks/idempotency.py); the result Redis by default.
 conveyor_idempotency_url = os.environ.get("CONVEYOR_IDEMPOTENCY_URL", result_backend)
 #: How long "this effect already ran" is remembered: longer than any redelivery or replay.

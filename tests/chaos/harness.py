@@ -148,7 +148,7 @@ def check(
     # Late duplicates (a redelivery still running) show up within a moment of draining.
     time.sleep(1.5)
     runs = {k: int(v) for k, v in ledger.hgetall("runs").items()}
-    dead = dead_lettered_ids(rabbit) if missing else set()
+    dead = dead_lettered_ids(rabbit) & set(producer.ok)
     lost_ids = [i for i in producer.ok if runs.get(i, 0) == 0 and i not in dead]
     duplicates = sum(max(0, runs.get(i, 0) - 1) for i in producer.ok)
     outcome = Outcome(
