@@ -171,6 +171,21 @@ def check(
     return outcome
 
 
+def publish_bound(app: Any) -> float:
+    """The longest a publish may take under the configuration, in seconds.
+
+    Each attempt may wait conveyor_publish_timeout for the socket/confirm; Celery's publish
+    retry then reconnects (broker_connection_timeout for the handshake, plus the policy's
+    interval) up to max_retries times, each attempt again bounded by the publish timeout.
+    """
+    conf = app.conf
+    policy = conf.task_publish_retry_policy
+    retries = int(policy["max_retries"])
+    attempt = float(conf.conveyor_publish_timeout)
+    reconnect = float(conf.broker_connection_timeout) + float(policy["interval_max"])
+    return attempt * (retries + 1) + retries * reconnect
+
+
 def assert_invariants(outcome: Outcome, producer: Producer) -> None:
     assert not producer.unpublished, (
         f"{len(producer.unpublished)} ids never published after healing; last errors: "
