@@ -153,10 +153,16 @@ def replay(
     name), and the dead-letter copy is acked only after the broker confirmed the new one.
     """
     replayed: list[Entry] = []
-    publish_channel: Any = connection.channel()
-    publish_channel.confirm_select()
-    producer = Producer(publish_channel)
+    # A connection opened with confirm_publish makes py-amqp wait for each confirm inside
+    # basic_publish (and raise on nack, timeout or channel error). Calling confirm_select() on
+    # an ordinary channel is not enough: publish would return before the broker answered, and
+    # the ack below would drop a message whose copy the broker refused (found by
+    # test_an_interrupted_replay_leaves_the_message_in_the_dead_letter_queue).
+    options = {**(connection.transport_options or {}), "confirm_publish": True}
+    publisher = connection.clone(transport_options=options)
     try:
+        publish_channel: Any = publisher.channel()
+        producer = Producer(publish_channel)
         with held(connection, queue) as messages:
             for entry, message in messages:
                 if not select(entry) or entry.queue is None:
@@ -198,7 +204,7 @@ def replay(
                 # otherwise): now the dead-letter copy may go.
                 message.ack()
     finally:
-        publish_channel.close()
+        publisher.close()
     return replayed
 
 
