@@ -116,10 +116,14 @@ def publish_raw(
 
 
 def rejections(app: Any, worker: WorkerProcess) -> dict[str, int]:
-    replies = app.control.broadcast(
-        "conveyor_rejections", destination=[worker.node], reply=True, timeout=5
-    )
-    assert replies, "the worker did not answer conveyor_rejections"
+    """The worker's rejection counters (its control queue may need a moment after startup)."""
+
+    def ask() -> Any:
+        return app.control.broadcast(
+            "conveyor_rejections", destination=[worker.node], reply=True, timeout=2
+        )
+
+    replies = wait_for(ask, 20, 0.5, "the worker to answer conveyor_rejections")
     return dict(replies[0][worker.node])
 
 
