@@ -22,7 +22,7 @@ CHAOS_CONSUMER_TIMEOUT_MS = 20_000
 CHAOS_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chaos_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRabbitNode]:
     node = ChaosRabbitNode(
         tmp_path_factory.mktemp("chaos-rabbit"),
@@ -33,7 +33,8 @@ def chaos_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRabb
     node.stop()
 
 
-@pytest.fixture(scope="session")
+# Package scope: the app points back at the suite's broker before tests/integration runs.
+@pytest.fixture(scope="package")
 def chaos_app(conveyor_app: Any, chaos_rabbit: ChaosRabbitNode) -> Iterator[Any]:
     """The project's app publishing to the chaos node; pointed back when the chaos tests end."""
     previous = conveyor_app.conf.broker_url
