@@ -97,7 +97,17 @@ conveyor_dead_letter_queue = "conveyor.dead_letter"
 #: so urgency is a separate queue that dedicated workers serve (see compose.yaml).
 conveyor_queue_names = ("default", "batch", "scheduled", "priority")
 
-_task_exchange = Exchange(conveyor_task_exchange, type="topic", durable=True)
+#: Messages published to `conveyor` that match no queue go here instead of vanishing (RabbitMQ
+#: confirms and drops unroutable messages; Celery never sets `mandatory`). workers/bad_input.py
+#: declares the exchange and its queue.
+conveyor_unroutable_exchange = "conveyor.unroutable"
+conveyor_unroutable_queue = "conveyor.unroutable"
+_task_exchange = Exchange(
+    conveyor_task_exchange,
+    type="topic",
+    durable=True,
+    arguments={"alternate-exchange": conveyor_unroutable_exchange},
+)
 _queue_arguments: dict[str, Any] = {
     "x-queue-type": "quorum",
     "x-delivery-limit": conveyor_delivery_limit,
@@ -194,6 +204,24 @@ beat_enable_remote_control = True
 # --- Time ----------------------------------------------------------------------------------------
 timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")
 enable_utc = True
+
+# --- Reliability ---------------------------------------------------------------------------------
+#: Serialized args + kwargs above this are refused at the producer (ArgumentsTooLarge): messages
+#: carry ids, not data, and a big message stalls a quorum queue's replication. RabbitMQ's own
+#: max_message_size (128 MiB on 3.10) is far above it.
+conveyor_max_argument_bytes = int(os.environ.get("CONVEYOR_MAX_ARGUMENT_BYTES", "1000000"))
+#: A channel error (above all PRECONDITION_FAILED when a delivery outlived the broker's
+#: consumer_timeout, e.g. after the broker was frozen) restarts the consumer instead of ending
+#: the worker with "Unrecoverable error" (celery#6760; found by the F9 chaos run). Unacked
+#: messages go back to the queue and are redelivered.
+broker_channel_error_retry = True
+#: Where idempotency markers live (tasks/idempotency.py); the result Redis by default.
+conveyor_idempotency_url = os.environ.get("CONVEYOR_IDEMPOTENCY_URL", result_backend)
+#: How long "this effect already ran" is remembered: longer than any redelivery or replay.
+conveyor_idempotency_ttl = 7 * 86_400
+#: Seconds a delivery holds an effect's key while running it. A killed holder blocks the key
+#: this long; a slower effect must pass a longer lease.
+conveyor_idempotency_lease = 60.0
 
 
 # --- Batches (tasks/batch, docs/batch.md) --------------------------------------------------------

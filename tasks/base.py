@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import celery
+from celery.exceptions import Reject
+from celery.utils.log import get_task_logger
+
+from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once
+
+T = TypeVar("T")
+logger = get_task_logger(__name__)
+
+
+class ArgumentsTooLarge(ValueError):
+    """The serialized arguments exceed conveyor_max_argument_bytes: pass an id, not the data."""
+
+
+def check_argument_size(args: Any, kwargs: Any, limit: int) -> None:
+    """Raise ArgumentsTooLarge when args + kwargs serialize to more than `limit` bytes."""
+    try:
+        size = len(json.dumps([args or (), kwargs or {}], separators=(",", ":"), default=str))
+    except (TypeError, ValueError):
+        # Unserializable arguments fail in Celery's own encoder with its clearer message.
+        return
+    if size > limit:
+        raise ArgumentsTooLarge(
+            f"task arguments serialize to {size} bytes; the limit is {limit} "
+            "(conveyor_max_argument_bytes). Store the data elsewhere and pass its id."
+        )
+
 
 from tasks.schedule import overlap
 
@@ -48,7 +76,66 @@ def publish_options(
 
 
 class Task(celery.Task):  # type: ignore[type-arg]
-    """Adds publish/confirm timeouts and whole-second delays to every apply_async."""
+    """Bounded publishing, transient-error retries, and dead-lettering when retries run out.
+
+    - every apply_async gets publish/confirm timeouts, whole-second delays and a size limit;
+    - connection errors, timeouts and a busy idempotency lease retry with exponential backoff
+      and full jitter, at most `max_retries` times (a task may narrow or widen this);
+    - when the last retry fails, the message is rejected to the dead-letter queue (and the
+      failure stored as the result) instead of being acked as a silent failure.
+    """
+
+    autoretry_for = (ConnectionError, TimeoutError, EffectInProgress)
+    retry_backoff = True
+    retry_backoff_max = 600
+    retry_jitter = True
+    max_retries = 5
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: Any = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        limit = self.max_retries if max_retries is None else max_retries
+        request = self.request
+        if limit is not None and request.retries >= limit and not request.called_directly:
+            reason: Exception = exc if exc is not None else RuntimeError("retries exhausted")
+            logger.error(
+                "retries exhausted; dead-lettering task=%s id=%s retries=%s reason=%r",
+                self.name,
+                request.id,
+                request.retries,
+                reason,
+            )
+            self.backend.mark_as_failure(str(request.id), reason, request=request)
+            raise Reject(reason, requeue=False)
+        return super().retry(
+            args, kwargs, exc, throw, eta, countdown, max_retries=max_retries, **options
+        )
+
+    def run_once(
+        self,
+        key: str,
+        effect: Callable[[], T],
+        *,
+        ttl: int | None = None,
+        lease: float | None = None,
+    ) -> Outcome[T]:
+        """Run a side effect at most once per key (see tasks.idempotency)."""
+        conf = self.app.conf
+        return run_once(
+            client_for(conf.conveyor_idempotency_url),
+            key,
+            effect,
+            ttl=int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
+            lease=float(conf.conveyor_idempotency_lease if lease is None else lease),
+        )
 
     def apply_async(
         self,
@@ -61,6 +148,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
+        check_argument_size(args, kwargs, int(self.app.conf.conveyor_max_argument_bytes))
         options = publish_options(
             options,
             publish_timeout=float(self.app.conf.conveyor_publish_timeout),

@@ -305,3 +305,156 @@ class ManagedRabbitNode(RabbitNode):
             }
             for row in json.loads(out)
         }
+
+
+class ChaosRabbitNode(RabbitNode):
+    """A private node the chaos tests may kill, freeze, restart and alarm.
+
+    `extra_config` lines are appended to the node's rabbitmq.conf (for example a small
+    `max_message_size`); the data directory survives restarts, as a real node's disk would.
+    """
+
+    def __init__(
+        self, workdir: Path, *, consumer_timeout_ms: int = 1_800_000, extra_config: str = ""
+    ) -> None:
+        super().__init__(workdir, consumer_timeout_ms=consumer_timeout_ms)
+        if extra_config:
+            with (workdir / "rabbitmq.conf").open("a") as config:
+                config.write(extra_config.rstrip("\n") + "\n")
+
+    def beam_pid(self) -> int:
+        """The Erlang VM's pid (rabbitmq-server is a wrapper script around it)."""
+        return int(self.ctl("eval", "list_to_integer(os:getpid()).").strip())
+
+    def kill9(self) -> None:
+        """Crash the node as a power cut or the OOM killer would: no clean shutdown."""
+        pid = self.beam_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _pid_alive(pid), 30, what="the killed node to exit")
+        # The wrapper script exits with the VM; let the executor forget its process.
+        self.executor.stop()
+
+    def restart(self) -> None:
+        """Start the node again on the same data directory and ports."""
+        self.executor.start()
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+
+    def close_all_connections(self, reason: str = "chaos") -> None:
+        self.ctl("close_all_connections", reason)
+
+    def freeze(self) -> int:
+        """SIGSTOP the VM: TCP stays open but nothing answers (a half-open broker)."""
+        pid = self.beam_pid()
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
+    @staticmethod
+    def thaw(pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+
+    def set_memory_watermark(self, fraction: float) -> None:
+        """0 raises the memory alarm at once (every publisher is blocked); 0.4 clears it."""
+        self.ctl("set_vm_memory_high_watermark", str(fraction))
+
+    def message_counts(self) -> dict[str, int]:
+        return {name: int(row["messages"] or 0) for name, row in self.queues().items()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (a worker's pool processes), read from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name (field 2) may contain spaces.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+class RedisServer:
+    """A private redis-server on a free port that a test may freeze or stop and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        require(redis_server_available(), "redis-server not found (apt-get install redis-server)")
+        self.port = get_port(None)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ],
+            stdout=(self.workdir / "redis.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_for(ping, 30, what="private redis-server")
+        client.close()
+        return self
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def probe_path_for(worker: WorkerProcess, kind: str) -> Path:
+    """The worker's liveness/readiness file; a killed worker leaves a stale one behind."""
+    from workers.health import probe_path
+
+    return probe_path(worker.node, kind, worker.health_dir)

@@ -34,3 +34,53 @@ def record_and_sleep(self: Any, key: str, seconds: float) -> int:
     ledger.set(f"pid:{key}:{runs}", os.getpid())
     time.sleep(seconds)
     return runs
+
+
+@app.task(name="tests.chaos_work", bind=True)
+def chaos_work(self: Any, seconds: float) -> str:
+    """Count this execution of the task id in the chaos ledger, then work for `seconds`."""
+    _ledger().hincrby("runs", self.request.id, 1)
+    time.sleep(seconds)
+    return str(self.request.id)
+
+
+@app.task(name="tests.poison")
+def poison() -> None:
+    """Kill the pool process that runs it, as a task that always runs out of memory would."""
+    _ledger().incr("poison:runs")
+    os._exit(137)
+
+
+@app.task(name="tests.long_running", bind=True)
+def long_running(self: Any, seconds: float) -> float:
+    """Sleep past the broker's consumer_timeout unless the time limit stops it first."""
+    _ledger().hincrby("runs", self.request.id, 1)
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="tests.typed", bind=True)
+def typed(self: Any, count: int) -> int:
+    """Fails (TypeError) when a raw message gives `count` the wrong type."""
+    _ledger().hincrby("runs", self.request.id, 1)
+    return count + 1
+
+
+@app.task(name="tests.idempotent_effect", bind=True)
+def idempotent_effect(self: Any, key: str, seconds: float) -> int:
+    """Count the execution, work, then apply an effect (a counter per key) at most once."""
+    ledger = _ledger()
+    ledger.hincrby("runs", self.request.id, 1)
+    time.sleep(seconds)
+    outcome = self.run_once(key, lambda: int(ledger.hincrby("effects", key, 1)), lease=3)
+    return int(outcome.value)
+
+
+@app.task(name="tests.transient", bind=True, max_retries=2)
+def transient(self: Any, key: str) -> str:
+    """Raises ConnectionError while the ledger has `broken:<key>`: retried, then dead-lettered."""
+    ledger = _ledger()
+    ledger.hincrby("runs", self.request.id, 1)
+    if ledger.exists(f"broken:{key}"):
+        raise ConnectionError(f"{key} is down")
+    return "ok"

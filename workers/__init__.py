@@ -8,7 +8,16 @@ from celery import Celery
 def install(app: Celery) -> None:
     """Attach Conveyor's worker hooks to `app`; called once by tasks.celery_app."""
     # Imported here so that `python -m workers.health` does not import itself twice.
-    from workers import cancellation, dead_letter, health, logs, redaction, shutdown, tracing
+    from workers import (
+        bad_input,
+        cancellation,
+        dead_letter,
+        health,
+        logs,
+        redaction,
+        shutdown,
+        tracing,
+    )
 
     logs.connect()
     shutdown.connect()
@@ -18,3 +27,5 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add(dead_letter.DeclareDeadLetterQueue)
     app.steps["consumer"].add(health.ReadinessProbe)
     app.steps["worker"].add(health.LivenessProbe)
+    bad_input.connect()
+    app.steps["consumer"].add(bad_input.DeadLetterBadInput)

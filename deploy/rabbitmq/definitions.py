@@ -80,6 +80,39 @@ def user_name(role: str) -> str:
     return os.environ.get(f"CONVEYOR_{role.upper()}_USER", f"conveyor-{role}")
 
 
+def exchange(name: str, kind: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": VHOST,
+        "type": kind,
+        "durable": True,
+        "auto_delete": False,
+        "internal": False,
+        "arguments": arguments or {},
+    }
+
+
+def queue(name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": VHOST,
+        "durable": True,
+        "auto_delete": False,
+        "arguments": dict(arguments or {}),
+    }
+
+
+def binding(source: str, destination: str, routing_key: str) -> dict[str, Any]:
+    return {
+        "source": source,
+        "vhost": VHOST,
+        "destination": destination,
+        "destination_type": "queue",
+        "routing_key": routing_key,
+        "arguments": {},
+    }
+
+
 def definitions() -> dict[str, Any]:
     users = [
         {
@@ -93,55 +126,21 @@ def definitions() -> dict[str, Any]:
     permissions = [
         {"user": user_name("admin"), "vhost": VHOST, "configure": ".*", "write": ".*", "read": ".*"}
     ] + [{"user": user_name(role), "vhost": VHOST, **rules} for role, rules in PERMISSIONS.items()]
-    queues = [
-        {
-            "name": queue.name,
-            "vhost": VHOST,
-            "durable": True,
-            "auto_delete": False,
-            "arguments": queue.queue_arguments,
-        }
-        for queue in celeryconfig.task_queues
-    ] + [
-        {
-            "name": celeryconfig.conveyor_dead_letter_queue,
-            "vhost": VHOST,
-            "durable": True,
-            "auto_delete": False,
-            "arguments": {"x-queue-type": "quorum"},
-        }
-    ]
+    task_exchange = celeryconfig.task_queues[0].exchange
+    dead_letter = celeryconfig.conveyor_dead_letter_queue
+    unroutable = celeryconfig.conveyor_unroutable_queue
     exchanges = [
-        {
-            "name": name,
-            "vhost": VHOST,
-            "type": "topic",
-            "durable": True,
-            "auto_delete": False,
-            "internal": False,
-            "arguments": {},
-        }
-        for name in (TASK_EXCHANGE, celeryconfig.conveyor_dead_letter_exchange)
+        exchange(TASK_EXCHANGE, "topic", dict(task_exchange.arguments or {})),
+        exchange(celeryconfig.conveyor_dead_letter_exchange, "topic"),
+        exchange(celeryconfig.conveyor_unroutable_exchange, "fanout"),
     ]
-    bindings = [
-        {
-            "source": TASK_EXCHANGE,
-            "vhost": VHOST,
-            "destination": queue.name,
-            "destination_type": "queue",
-            "routing_key": queue.routing_key,
-            "arguments": {},
-        }
-        for queue in celeryconfig.task_queues
-    ] + [
-        {
-            "source": celeryconfig.conveyor_dead_letter_exchange,
-            "vhost": VHOST,
-            "destination": celeryconfig.conveyor_dead_letter_queue,
-            "destination_type": "queue",
-            "routing_key": "#",
-            "arguments": {},
-        }
+    queues = [queue(q.name, q.queue_arguments) for q in celeryconfig.task_queues] + [
+        queue(name, {"x-queue-type": "quorum"}) for name in (dead_letter, unroutable)
+    ]
+    bindings = [binding(TASK_EXCHANGE, q.name, q.routing_key) for q in celeryconfig.task_queues]
+    bindings += [
+        binding(celeryconfig.conveyor_dead_letter_exchange, dead_letter, "#"),
+        binding(celeryconfig.conveyor_unroutable_exchange, unroutable, ""),
     ]
     return {
         "vhosts": [{"name": VHOST}],

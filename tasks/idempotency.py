@@ -1,0 +1,118 @@
+"""Side effects that happen once per key, across redeliveries and duplicate publishes.
+
+At-least-once delivery means a task can run twice: after a pool process dies, after a lost
+connection, or when a producer re-publishes after a timeout. A task whose effect must not repeat
+(charge a card, send an e-mail) wraps that effect in :func:`run_once`:
+
+- the first delivery takes a *lease* on the key (Redis ``SET NX PX``) and runs the effect;
+- when the effect returns, the key becomes *done* (with the effect's JSON result) for ``ttl``;
+- a later delivery of the same key finds *done* and returns the stored result without running
+  the effect; one that finds a live lease raises :class:`EffectInProgress`, which every
+  Conveyor task retries with backoff (tasks.base.Task), so it comes back after the holder
+  finished or its lease expired;
+- an effect that raises releases the lease, so a retry can run it.
+
+The one window left is a process killed after the effect but before the done-marker is
+written (a few microseconds for a Redis write): the effect then runs again once the lease
+expires. Effects that write to the same Redis can close it with ``atomic=True``-style pipelines
+of their own; everything else should also pass the key to the remote side (as webhooks do
+with ``Idempotency-Key``).
+
+:func:`enqueue_once` is the producer side: a second publish with the same key is a no-op that
+returns the first task's result handle.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Generic, TypeVar
+
+import redis
+
+T = TypeVar("T")
+
+EFFECT_PREFIX = "conveyor:effect:"
+ENQUEUE_PREFIX = "conveyor:enqueue:"
+#: uuid5 namespace: the same (task, key) always gets the same task id.
+TASK_ID_NAMESPACE = uuid.UUID("6f1b8f7e-4f43-4c55-9a55-9d0b4d0c6a01")
+
+#: Deletes the lease only if this delivery still holds it (another may have taken it over).
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+
+
+class EffectInProgress(Exception):
+    """Another delivery holds the key's lease; try again later."""
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """`ran` is False when the effect had already run and `value` is its stored result."""
+
+    ran: bool
+    value: T
+
+
+@lru_cache(maxsize=8)
+def client_for(url: str) -> redis.Redis:
+    """One connection pool per URL and process (pool processes fork after import)."""
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def run_once(
+    client: redis.Redis,
+    key: str,
+    effect: Callable[[], T],
+    *,
+    ttl: int,
+    lease: float,
+) -> Outcome[T]:
+    """Run `effect` unless it already ran for `key`; return what it returned either time."""
+    name = EFFECT_PREFIX + key
+    token = f"lease:{uuid.uuid4()}"
+    if not client.set(name, token, nx=True, px=int(lease * 1000)):
+        raw = client.get(name)
+        state = raw.decode() if isinstance(raw, bytes) else raw
+        if state is not None and state.startswith("done:"):
+            return Outcome(ran=False, value=json.loads(state[5:]))
+        raise EffectInProgress(f"effect {key!r} is held by another delivery ({state})")
+    try:
+        value = effect()
+    except BaseException:
+        client.eval(_RELEASE, 1, name, token)
+        raise
+    client.set(name, "done:" + json.dumps(value), ex=ttl)
+    return Outcome(ran=True, value=value)
+
+
+def task_id_for(task_name: str, key: str) -> str:
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{task_name}:{key}"))
+
+
+def enqueue_once(
+    task: Any,
+    *,
+    key: str,
+    client: redis.Redis,
+    ttl: int,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> Any:
+    """Publish `task` once per key; later calls with the key return the same AsyncResult.
+
+    The task id is derived from the key, so even two publishes racing past the marker produce
+    one id, which idempotent effects then run once.
+    """
+    task_id = task_id_for(task.name, key)
+    marker = f"{ENQUEUE_PREFIX}{task.name}:{key}"
+    if client.set(marker, task_id, nx=True, ex=ttl):
+        try:
+            task.apply_async(args, kwargs, task_id=task_id, **options)
+        except BaseException:
+            client.delete(marker)
+            raise
+    return task.AsyncResult(task_id)

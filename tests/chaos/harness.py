@@ -1,0 +1,196 @@
+"""The chaos ledger: publish with a record of what was confirmed, inject faults, drain, check.
+
+- `Producer` publishes task ids from a thread. Each id is `ok` once apply_async returned, or
+  `indeterminate` while it raised or timed out; an indeterminate id is re-published with the
+  same id until it is ok, as a careful web app would.
+- Each execution of a chaos task increments the id's counter in the ledger's `runs` hash
+  (tests/worker_tasks.py, a Redis database the faults never touch).
+- `check` waits until every ok id has run (or sits in the dead-letter queue) and the queues are
+  empty, then returns the counts: lost, duplicates, dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.infra import ChaosRabbitNode
+
+#: Where each scenario's figures are appended (one JSON object per line) when set;
+#: docs/reliability.md is built from this file (python -m tests.chaos.report).
+REPORT_PATH = os.environ.get("CONVEYOR_CHAOS_REPORT")
+
+
+@dataclass
+class Producer:
+    """Publishes `count` tasks over about `spread` seconds, re-publishing failed ids."""
+
+    task: Any
+    count: int
+    args: Callable[[int], tuple[Any, ...]]
+    spread: float = 5.0
+    #: Gives up on an id after this long of failing publishes (the test then fails: a producer
+    #: that cannot publish after the fault healed is a finding, not something to wait out).
+    give_up_after: float = 180.0
+    ok: list[str] = field(default_factory=list)
+    indeterminate: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    slowest_publish: float = 0.0
+    unpublished: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="producer", daemon=True)
+
+    def start(self) -> Producer:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 300) -> Producer:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "producer still publishing"
+        return self
+
+    def _run(self) -> None:
+        pause = self.spread / max(self.count, 1)
+        for i in range(self.count):
+            task_id = str(uuid.uuid4())
+            first_try = time.monotonic()
+            while True:
+                started = time.monotonic()
+                try:
+                    self.task.apply_async(self.args(i), task_id=task_id)
+                except Exception as exc:
+                    self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
+                    self.indeterminate[task_id] = self.indeterminate.get(task_id, 0) + 1
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    if time.monotonic() - first_try > self.give_up_after:
+                        self.unpublished.append(task_id)
+                        break
+                    time.sleep(0.2)
+                    continue
+                self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
+                self.ok.append(task_id)
+                break
+            time.sleep(pause)
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    tasks: int
+    confirmed: int
+    republished: int
+    lost: int
+    duplicates: int
+    duplicate_bound: int
+    dead_lettered: int
+    faults: int
+    seconds: float
+    drain_seconds: float
+    slowest_publish: float
+    lost_ids: list[str]
+    notes: str = ""
+
+    def record(self) -> None:
+        if REPORT_PATH:
+            Path(REPORT_PATH).parent.mkdir(parents=True, exist_ok=True)
+            with open(REPORT_PATH, "a") as out:
+                row = {k: v for k, v in asdict(self).items() if k != "lost_ids"}
+                out.write(json.dumps({**row, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}) + "\n")
+
+
+def dead_lettered_ids(rabbit: ChaosRabbitNode, queue: str = "conveyor.dead_letter") -> set[str]:
+    """Task ids in the dead-letter queue, read without removing them."""
+    from kombu import Connection
+
+    from tasks.deadletter import store
+
+    with Connection(rabbit.url, connect_timeout=10) as connection:
+        return {entry.id for entry in store.list_entries(connection, queue)}
+
+
+def check(
+    scenario: str,
+    producer: Producer,
+    ledger: redis.Redis,
+    rabbit: ChaosRabbitNode,
+    *,
+    faults: int,
+    duplicate_bound: int,
+    started: float,
+    timeout: float = 120,
+    queues: Iterable[str] = ("default",),
+    notes: str = "",
+) -> Outcome:
+    """Drain, then count lost and duplicate executions; records the figures."""
+    heal = time.monotonic()
+    deadline = heal + timeout
+    while True:
+        runs = ledger.hgetall("runs")
+        missing = [i for i in producer.ok if int(runs.get(i, 0)) == 0]
+        counts = rabbit.message_counts()
+        busy = sum(counts.get(q, 0) for q in queues)
+        if not missing and busy == 0:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    drain_seconds = time.monotonic() - heal
+    # Late duplicates (a redelivery still running) show up within a moment of draining.
+    time.sleep(1.5)
+    runs = {k: int(v) for k, v in ledger.hgetall("runs").items()}
+    dead = dead_lettered_ids(rabbit) & set(producer.ok)
+    lost_ids = [i for i in producer.ok if runs.get(i, 0) == 0 and i not in dead]
+    duplicates = sum(max(0, runs.get(i, 0) - 1) for i in producer.ok)
+    outcome = Outcome(
+        scenario=scenario,
+        tasks=producer.count,
+        confirmed=len(producer.ok),
+        republished=sum(producer.indeterminate.values()),
+        lost=len(lost_ids),
+        duplicates=duplicates,
+        duplicate_bound=duplicate_bound,
+        dead_lettered=len(dead),
+        faults=faults,
+        seconds=round(time.monotonic() - started, 1),
+        drain_seconds=round(drain_seconds, 1),
+        slowest_publish=round(producer.slowest_publish, 2),
+        lost_ids=lost_ids[:10],
+        notes=notes,
+    )
+    outcome.record()
+    return outcome
+
+
+def publish_bound(app: Any) -> float:
+    """The longest a publish may take under the configuration, in seconds.
+
+    Each attempt may wait conveyor_publish_timeout for the socket/confirm; Celery's publish
+    retry then reconnects (broker_connection_timeout for the handshake, plus the policy's
+    interval) up to max_retries times, each attempt again bounded by the publish timeout.
+    """
+    conf = app.conf
+    policy = conf.task_publish_retry_policy
+    retries = int(policy["max_retries"])
+    attempt = float(conf.conveyor_publish_timeout)
+    reconnect = float(conf.broker_connection_timeout) + float(policy["interval_max"])
+    return attempt * (retries + 1) + retries * reconnect
+
+
+def assert_invariants(outcome: Outcome, producer: Producer) -> None:
+    assert not producer.unpublished, (
+        f"{len(producer.unpublished)} ids never published after healing; last errors: "
+        f"{producer.errors[-3:]}"
+    )
+    assert outcome.confirmed == outcome.tasks
+    assert outcome.lost == 0, f"lost {outcome.lost}: {outcome.lost_ids} ({outcome})"
+    assert outcome.duplicates <= outcome.duplicate_bound, outcome

@@ -1,0 +1,382 @@
+"""Bad inputs B1-B10 of RELIABILITY.md, published raw to the task queue, bypassing the client.
+
+For each: the worker stays up and keeps working, nothing is unpickled, the rejection is logged
+with its reason and counted (`inspect conveyor_rejections`), and it lands in the dead-letter
+queue where the broker allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import redis
+from kombu import Connection, Producer
+
+from tasks.base import ArgumentsTooLarge
+from tasks.deadletter import store
+from tests import worker_tasks
+from tests.chaos.conftest import CHAOS_MAX_MESSAGE_BYTES
+from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+
+DLQ = "conveyor.dead_letter"
+
+
+@pytest.fixture(scope="module")
+def bad_input_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    result_backend: str,
+    ledger_url: str,
+) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(
+        broker_url=chaos_rabbit.url,
+        result_backend=result_backend,
+        workdir=tmp_path_factory.mktemp("bad-input"),
+        name="bad-input",
+        concurrency=1,
+        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url},
+    ).start(timeout=90)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(ledger_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def task_headers(name: str, task_id: str, **overrides: Any) -> dict[str, Any]:
+    """Protocol-2 headers, as Celery's client would send them."""
+    headers = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "raw-test",
+        "ignore_result": False,
+    }
+    headers.update(overrides)
+    return headers
+
+
+def task_body(args: list[Any], kwargs: dict[str, Any] | None = None) -> bytes:
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return json.dumps([args, kwargs or {}, embed]).encode()
+
+
+def publish_raw(
+    rabbit: ChaosRabbitNode,
+    body: bytes,
+    *,
+    headers: dict[str, Any] | None,
+    content_type: str | None = "application/json",
+    content_encoding: str | None = "utf-8",
+    routing_key: str = "default",
+    correlation_id: str | None = None,
+) -> None:
+    properties: dict[str, Any] = {}
+    if correlation_id:
+        properties["correlation_id"] = correlation_id
+    with Connection(rabbit.url, transport_options={"confirm_publish": True}) as connection:
+        producer = Producer(connection.channel())
+        producer.publish(
+            body,
+            exchange="conveyor",
+            routing_key=routing_key,
+            headers=headers or {},
+            content_type=content_type,
+            content_encoding=content_encoding,
+            serializer=None,
+            delivery_mode=2,
+            **properties,
+        )
+
+
+def rejections(app: Any, worker: WorkerProcess) -> dict[str, int]:
+    """The worker's rejection counters (its control queue may need a moment after startup)."""
+
+    def ask() -> Any:
+        return app.control.broadcast(
+            "conveyor_rejections", destination=[worker.node], reply=True, timeout=2
+        )
+
+    replies = wait_for(ask, 20, 0.5, "the worker to answer conveyor_rejections")
+    return dict(replies[0][worker.node])
+
+
+def dead_letter(rabbit: ChaosRabbitNode, entry_id: str, timeout: float = 20) -> store.Entry:
+    def find() -> store.Entry | None:
+        with Connection(rabbit.url) as connection:
+            return store.find(connection, DLQ, entry_id)
+
+    entry: store.Entry = wait_for(find, timeout, 0.5, f"{entry_id} in the dead-letter queue")
+    return entry
+
+
+def still_works(worker: WorkerProcess) -> None:
+    """The worker process is alive and still runs ordinary tasks."""
+    assert worker.process is not None and worker.process.poll() is None
+    assert worker_tasks.add.delay(2, 3).get(timeout=20) == 5
+
+
+def rejected(
+    app: Any, worker: WorkerProcess, before: dict[str, int], reason: str, timeout: float = 20
+) -> None:
+    wait_for(
+        lambda: rejections(app, worker).get(reason, 0) > before.get(reason, 0),
+        timeout,
+        0.5,
+        f"a {reason} rejection to be counted",
+    )
+    assert f"message rejected reason={reason}" in worker.log()
+
+
+def test_b1_a_truncated_json_body_is_dead_lettered_not_dropped(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    before = rejections(chaos_app, bad_input_worker)
+    task_id = str(uuid.uuid4())
+    publish_raw(chaos_rabbit, task_body([1, 2])[:-7], headers=task_headers("tests.add", task_id))
+    rejected(chaos_app, bad_input_worker, before, "undecodable")
+    entry = dead_letter(chaos_rabbit, task_id)
+    assert entry.reason == "rejected"
+    assert entry.queue == "default"
+    still_works(bad_input_worker)
+
+
+def test_b2_an_unknown_task_name_is_dead_lettered_and_recorded_as_failed(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    before = rejections(chaos_app, bad_input_worker)
+    task_id = str(uuid.uuid4())
+    publish_raw(chaos_rabbit, task_body([]), headers=task_headers("nobody.knows", task_id))
+    rejected(chaos_app, bad_input_worker, before, "unknown_task")
+    assert dead_letter(chaos_rabbit, task_id).task == "nobody.knows"
+    assert chaos_app.AsyncResult(task_id).state == "FAILURE"
+    still_works(bad_input_worker)
+
+
+def test_b3_a_plain_message_without_celery_headers_is_dead_lettered(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    before = rejections(chaos_app, bad_input_worker)
+    marker = str(uuid.uuid4())
+    publish_raw(
+        chaos_rabbit,
+        b"hello, is this the queue?",
+        headers=None,
+        content_type="text/plain",
+        correlation_id=marker,
+    )
+    # Celery refuses its text/plain content type before it looks for a task header
+    rejected(chaos_app, bad_input_worker, before, "content_disallowed")
+    assert dead_letter(chaos_rabbit, marker).reason == "rejected"
+    still_works(bad_input_worker)
+
+
+class _CreatesFile:
+    """Unpickling this calls open(path, "w"): the file appearing would mean code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
+
+
+def test_b4_a_pickle_payload_is_refused_and_never_unpickled(
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    bad_input_worker: WorkerProcess,
+    tmp_path: Path,
+) -> None:
+    sentinel = tmp_path / "pickle-ran"
+    payload = pickle.dumps(((_CreatesFile(sentinel),), {}, {}))
+    before = rejections(chaos_app, bad_input_worker)
+    task_id = str(uuid.uuid4())
+    publish_raw(
+        chaos_rabbit,
+        payload,
+        headers=task_headers("tests.add", task_id),
+        content_type="application/x-python-serialize",
+        content_encoding="binary",
+    )
+    rejected(chaos_app, bad_input_worker, before, "content_disallowed")
+    dead_letter(chaos_rabbit, task_id)
+    assert not sentinel.exists()
+    still_works(bad_input_worker)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-yaml", b"- [1, 2]\n- {}\n- {}\n"),
+        ("application/x-msgpack", b"\x93\x92\x01\x02\x80\x80"),
+        ("text/plain", b"[[1, 2], {}, {}]"),
+        (None, b"[[1, 2], {}, {}]"),
+    ],
+    ids=["yaml", "msgpack", "text", "no-content-type"],
+)
+def test_b5_other_content_types_are_refused_without_a_crash(
+    content_type: str | None,
+    body: bytes,
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    bad_input_worker: WorkerProcess,
+) -> None:
+    before = sum(rejections(chaos_app, bad_input_worker).values())
+    task_id = str(uuid.uuid4())
+    publish_raw(
+        chaos_rabbit,
+        body,
+        headers=task_headers("tests.add", task_id),
+        content_type=content_type,
+        content_encoding="binary" if content_type else None,
+    )
+    wait_for(
+        lambda: sum(rejections(chaos_app, bad_input_worker).values()) > before,
+        20,
+        0.5,
+        f"the {content_type} message to be rejected",
+    )
+    dead_letter(chaos_rabbit, task_id)
+    still_works(bad_input_worker)
+
+
+def test_b6_oversized_arguments_are_refused_at_the_producer_and_the_broker(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    depth = chaos_rabbit.message_counts()["default"]
+    # At the producer: a clear error, nothing published
+    with pytest.raises(ArgumentsTooLarge, match="limit is 1000000"):
+        worker_tasks.typed.delay("x" * 2_000_000)
+    assert chaos_rabbit.message_counts()["default"] == depth
+    # Past the client, the broker's max_message_size refuses the publish itself
+    huge = task_body(["x" * (CHAOS_MAX_MESSAGE_BYTES + 1024)])
+    with pytest.raises(Exception, match=r"(?i)max|size|PRECONDITION"):
+        publish_raw(chaos_rabbit, huge, headers=task_headers("tests.typed", str(uuid.uuid4())))
+    still_works(bad_input_worker)
+
+
+def test_b7_wrong_arguments_through_the_client_fail_at_the_call_and_publish_nothing(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    depth = chaos_rabbit.message_counts()["default"]
+    with pytest.raises(TypeError):
+        worker_tasks.add.delay(1)
+    with pytest.raises(TypeError):
+        worker_tasks.add.delay(1, 2, z=3)
+    from tasks import webhooks
+
+    with pytest.raises(ValueError, match="absolute http"):
+        webhooks.enqueue("not a url", "order.paid", {})
+    time.sleep(0.5)
+    assert chaos_rabbit.message_counts()["default"] == depth
+
+
+def test_b8_wrong_argument_types_fail_once_without_a_redelivery_loop(
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    bad_input_worker: WorkerProcess,
+    ledger: redis.Redis,
+) -> None:
+    task_id = str(uuid.uuid4())
+    publish_raw(chaos_rabbit, task_body(["seven"]), headers=task_headers("tests.typed", task_id))
+    wait_for(lambda: chaos_app.AsyncResult(task_id).state == "FAILURE", 20, 0.5, "the failure")
+    time.sleep(2)
+    assert ledger.hget("runs", task_id) == "1"
+    wait_for(lambda: chaos_rabbit.message_counts()["default"] == 0, 10, 0.5, "the ack")
+    still_works(bad_input_worker)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"eta": "not-a-date"},
+        {"expires": "tomorrow-ish"},
+        {"retries": "many"},
+        {"timelimit": "forever"},
+        {"id": None},
+    ],
+    ids=["eta", "expires", "retries", "timelimit", "no-id"],
+)
+def test_b9_bad_protocol_fields_are_rejected_or_discarded_and_the_worker_lives(
+    overrides: dict[str, Any],
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    bad_input_worker: WorkerProcess,
+    ledger: redis.Redis,
+) -> None:
+    task_id = str(uuid.uuid4())
+    headers = task_headers("tests.typed", task_id, **overrides)
+    publish_raw(chaos_rabbit, task_body([1]), headers=headers, correlation_id=task_id)
+    # The message is consumed: it leaves the task queue one way or another ...
+    wait_for(lambda: chaos_rabbit.message_counts()["default"] == 0, 20, 0.5, "the message")
+    still_works(bad_input_worker)
+    # ... with a log line naming it when it did not run as a task
+    if not ledger.hget("runs", task_id):
+        assert task_id in bad_input_worker.log() or "message rejected" in bad_input_worker.log()
+
+
+def test_b10_hostile_json_is_dead_lettered_and_memory_stays_bounded(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    before = rejections(chaos_app, bad_input_worker)
+    # Very deep nesting: the decoder's recursion limit, not the worker, gives up
+    deep_id = str(uuid.uuid4())
+    deep = b"[" * 200_000 + b"]" * 200_000
+    publish_raw(chaos_rabbit, deep, headers=task_headers("tests.add", deep_id))
+    rejected(chaos_app, bad_input_worker, before, "undecodable")
+    dead_letter(chaos_rabbit, deep_id)
+    # A huge string just under the broker's limit: fails as a task, once
+    huge_id = str(uuid.uuid4())
+    huge = task_body(["y" * (CHAOS_MAX_MESSAGE_BYTES - 4096)])
+    publish_raw(chaos_rabbit, huge, headers=task_headers("tests.typed", huge_id))
+    wait_for(lambda: chaos_app.AsyncResult(huge_id).state == "FAILURE", 30, 0.5, "the failure")
+    still_works(bad_input_worker)
+    assert bad_input_worker.process is not None
+    tree = psutil.Process(bad_input_worker.process.pid)
+    rss = sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)])
+    assert rss < 600 * 1024 * 1024, f"worker tree uses {rss / 2**20:.0f} MiB"
+
+
+def test_an_unroutable_publish_is_kept_in_the_unroutable_queue(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    before = chaos_rabbit.message_counts().get("conveyor.unroutable", 0)
+    publish_raw(
+        chaos_rabbit,
+        task_body([1, 2]),
+        headers=task_headers("tests.add", str(uuid.uuid4())),
+        routing_key="no-such-queue",
+    )
+    wait_for(
+        lambda: chaos_rabbit.message_counts().get("conveyor.unroutable", 0) == before + 1,
+        10,
+        0.5,
+        "the unroutable message to be kept",
+    )

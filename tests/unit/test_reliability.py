@@ -1,0 +1,110 @@
+"""Idempotent effects, the producer's argument limit and the time-limit/consumer-timeout order."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+import celeryconfig
+from tasks.base import ArgumentsTooLarge, check_argument_size
+from tasks.idempotency import EffectInProgress, enqueue_once, run_once, task_id_for
+from tests.infra import ROOT
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(f"{redis_url}/14", decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def test_an_effect_runs_once_per_key_and_repeats_return_the_first_result(
+    store: redis.Redis,
+) -> None:
+    calls: list[int] = []
+
+    def effect() -> int:
+        calls.append(1)
+        return 42
+
+    first = run_once(store, "charge:7", effect, ttl=60, lease=5)
+    again = run_once(store, "charge:7", effect, ttl=60, lease=5)
+    assert (first.ran, first.value) == (True, 42)
+    assert (again.ran, again.value) == (False, 42)
+    assert calls == [1]
+
+
+def test_a_failed_effect_releases_its_key_so_a_retry_can_run_it(store: redis.Redis) -> None:
+    def broken() -> int:
+        raise RuntimeError("card network down")
+
+    with pytest.raises(RuntimeError):
+        run_once(store, "charge:8", broken, ttl=60, lease=5)
+    assert run_once(store, "charge:8", lambda: 1, ttl=60, lease=5).ran
+
+
+def test_a_concurrent_delivery_is_told_to_come_back_later(store: redis.Redis) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow() -> int:
+        inside.set()
+        release.wait(5)
+        return 1
+
+    holder = threading.Thread(target=lambda: run_once(store, "k", slow, ttl=60, lease=5))
+    holder.start()
+    inside.wait(5)
+    with pytest.raises(EffectInProgress):
+        run_once(store, "k", lambda: 2, ttl=60, lease=5)
+    release.set()
+    holder.join()
+    assert run_once(store, "k", lambda: 3, ttl=60, lease=5).value == 1
+
+
+def test_a_lease_left_by_a_killed_delivery_expires(store: redis.Redis) -> None:
+    store.set("conveyor:effect:orphan", "lease:dead", px=100)
+    threading.Event().wait(0.2)
+    assert run_once(store, "orphan", lambda: 5, ttl=60, lease=5).ran
+
+
+class _FakeTask:
+    """Records publishes; enqueue_once only needs name, apply_async and AsyncResult."""
+
+    name = "billing.charge"
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    def apply_async(self, args: Any, kwargs: Any, task_id: str, **options: Any) -> None:
+        self.published.append(task_id)
+
+    def AsyncResult(self, task_id: str) -> str:
+        return task_id
+
+
+def test_a_second_publish_with_the_same_enqueue_key_is_a_no_op(store: redis.Redis) -> None:
+    task = _FakeTask()
+    first = enqueue_once(task, key="order-9", client=store, ttl=60, args=(9,))
+    second = enqueue_once(task, key="order-9", client=store, ttl=60, args=(9,))
+    assert first == second == task_id_for("billing.charge", "order-9")
+    assert task.published == [first]
+
+
+def test_arguments_over_the_limit_are_refused_with_a_clear_error() -> None:
+    check_argument_size(("x" * 100,), {}, limit=1000)
+    with pytest.raises(ArgumentsTooLarge, match="pass its id"):
+        check_argument_size(("x" * 2000,), {}, limit=1000)
+
+
+def test_the_hard_time_limit_fires_before_the_brokers_consumer_timeout() -> None:
+    conf = (ROOT / "deploy" / "rabbitmq" / "conveyor.conf").read_text()
+    consumer_timeout_ms = int(re.search(r"^consumer_timeout\s*=\s*(\d+)", conf, re.M)[1])  # type: ignore[index]
+    assert celeryconfig.task_soft_time_limit < celeryconfig.task_time_limit
+    assert celeryconfig.task_time_limit * 1000 < consumer_timeout_ms
