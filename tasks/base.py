@@ -13,6 +13,7 @@ from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once
+from tasks.schedule import overlap
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
@@ -34,9 +35,6 @@ def check_argument_size(args: Any, kwargs: Any, limit: int) -> None:
             f"task arguments serialize to {size} bytes; the limit is {limit} "
             "(conveyor_max_argument_bytes). Store the data elsewhere and pass its id."
         )
-
-
-from tasks.schedule import overlap
 
 
 def publish_options(

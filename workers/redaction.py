@@ -1,20 +1,41 @@
-"""Keep every Redis URL's password out of `celery inspect conf` and Flower's config view.
+"""Keep every password in a URL setting out of `celery inspect conf` and Flower's config view.
 
 Celery masks settings whose names match its HIDDEN_SETTINGS pattern (API, KEY, PASS, ...) and
-the password in broker and result-backend URLs, but not other URLs: `redbeat_redis_url` (and
-any `*_redis_url` of ours) would be shown with its password. Adding REDIS_URL to the pattern
-masks those values whole.
+the password in the broker and result-backend URLs, but not in other URL settings:
+`redbeat_redis_url` or `conveyor_idempotency_url` would be shown with the Redis password.
+The censoring function is wrapped so that the password of any URL-valued setting is masked,
+whatever the setting's name.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from celery.app import utils
+from kombu.utils.url import maybe_sanitize_url
+
+MASK = "*" * 8
+
+
+def _sanitize(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return maybe_sanitize_url(value, mask=MASK)
+    if isinstance(value, Mapping):
+        return {key: _sanitize(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_sanitize(item) for item in value)
+    return value
 
 
 def install() -> None:
-    namespace = vars(utils)  # the stubs do not declare HIDDEN_SETTINGS
-    hidden: re.Pattern[str] = namespace["HIDDEN_SETTINGS"]
-    if "REDIS_URL" not in hidden.pattern:
-        namespace["HIDDEN_SETTINGS"] = re.compile(hidden.pattern + "|REDIS_URL", re.IGNORECASE)
+    namespace = vars(utils)  # the stubs do not declare filter_hidden_settings' module globals
+    original: Callable[[Any], dict[str, Any]] = namespace["filter_hidden_settings"]
+    if getattr(original, "conveyor_wrapped", False):
+        return
+
+    def filter_hidden_settings(conf: Any) -> dict[str, Any]:
+        return {key: _sanitize(value) for key, value in original(conf).items()}
+
+    filter_hidden_settings.conveyor_wrapped = True  # type: ignore[attr-defined]
+    namespace["filter_hidden_settings"] = filter_hidden_settings
