@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from kombu import pools
 
 from tests.infra import ChaosRabbitNode, WorkerProcess, probe_path_for
 
@@ -44,8 +45,10 @@ def chaos_app(conveyor_app: Any, chaos_rabbit: ChaosRabbitNode) -> Iterator[Any]
 
 
 def _point(app: Any, url: str) -> None:
-    if app._pool is not None:
-        app._pool.force_close_all()
+    # Every cached connection and producer pool belongs to the old broker. kombu keeps them in
+    # a process-wide registry keyed by connection, so closing only the app's own pool left a
+    # closed producer pool behind for the old URL ("Acquire on closed pool" once pointed back).
+    pools.reset()
     app._pool = None
     app.amqp._producer_pool = None
     # Celery's Settings.broker_url prefers the CELERY_BROKER_URL variable over the setting,

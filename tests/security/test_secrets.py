@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,15 @@ import pytest
 from port_for import get_port
 from pytest_redis.executor.process import RedisExecutor
 
-from tests.infra import ROOT, RabbitNode, WorkerProcess, redis_server_available, require
+from tests.infra import (
+    ROOT,
+    RabbitNode,
+    WorkerProcess,
+    compose_command,
+    redis_server_available,
+    require,
+    wait_for,
+)
 
 BROKER_PASSWORD = "brk-Zq7-never-shown"
 REDIS_PASSWORD = "rds-Xw4-never-shown"
@@ -118,10 +128,55 @@ def test_passwords_never_appear_in_worker_logs_or_inspect_output(
         assert inspected.returncode == 0, inspected.stderr
         conf = json.loads(inspected.stdout)[worker.node]
         assert conf["broker_url"].startswith("amqp://secret-app:**")
+        # And through the overview command and Flower's pages and API
+        overview = subprocess.run(
+            [celery, "-A", "tasks", "overview", "--json"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert overview.returncode == 0, overview.stderr
+        assert worker.node in overview.stdout
+        flower_pages = flower_output(env, tmp_path, worker.node)
     finally:
         worker.stop()
 
     # Then neither password appears anywhere an operator or a log shipper would see it
-    for text in (worker.log(), inspected.stdout, inspected.stderr, ran.stderr):
+    outputs = (worker.log(), inspected.stdout, inspected.stderr, ran.stderr, overview.stdout)
+    for text in (*outputs, overview.stderr, *flower_pages):
         assert BROKER_PASSWORD not in text
         assert REDIS_PASSWORD not in text
+
+
+def flower_output(env: dict[str, str], tmp_path: Path, node: str) -> list[str]:
+    """Flower (compose's command) on loopback: its pages and API, and its own log."""
+    port = get_port(None)
+    command = compose_command("flower")
+    argv = [str(Path(sys.executable).with_name("celery")), *command[1:]]
+    argv = [a for a in argv if not a.startswith(("--address", "--port"))]
+    log = tmp_path / "flower.log"
+    flower_env = {**env, "FLOWER_BASIC_AUTH": "ops:flower-pw"}
+    process = subprocess.Popen(
+        [*argv, "--address=127.0.0.1", f"--port={port}"],
+        cwd=ROOT, env=flower_env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    auth = base64.b64encode(b"ops:flower-pw").decode()
+
+    def get(path: str) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Basic {auth}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(response.read().decode())
+
+    def answers() -> bool:
+        try:
+            return node in get("/api/workers?refresh=1")
+        except OSError:
+            return False
+
+    try:
+        wait_for(answers, 60, interval=0.5, what="Flower to list the worker")
+        pages = [get(path) for path in ("/api/workers?refresh=1", f"/worker/{node}", "/broker")]
+    finally:
+        process.terminate()
+        process.wait(20)
+    return [*pages, log.read_text(errors="replace")]
