@@ -108,8 +108,15 @@ def stack(workdir: Path) -> Iterator[dict[str, Any]]:
 
 
 def _app(services: dict[str, Any]) -> Any:
+    from kombu import pools
+
     from tasks import app
 
+    # python -m benchmarks may have used this app against an earlier (now stopped) node:
+    # kombu's process-wide pools would still hand out connections to it.
+    pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
     app.conf.update(broker_url=services["broker_url"], result_backend=services["backend"])
     return app
 
