@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ def effects_once(ledger: redis.Redis, producer: Producer) -> None:
 
 
 def idempotent_args(run: str) -> Any:
+    # The idempotency records outlive the test (they are not in the flushed ledger): a key of
+    # this run only, or a later run of the same scenario finds its effects "already done".
+    run = f"{run}-{uuid.uuid4().hex[:8]}"
     return lambda i: (f"{run}-{i}", 0.05)
 
 
