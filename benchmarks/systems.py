@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pika
 
 from benchmarks import raw_amqp
 from benchmarks.environment import Services, pika_parameters
-from tests.infra import ROOT, compose_command
+from tests.infra import ROOT, compose_command, stop_process
 
 
 class Worker:
@@ -34,13 +33,7 @@ class Worker:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process(self.process, 30)
 
 
 class System:

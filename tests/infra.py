@@ -151,6 +151,18 @@ class RabbitNode:
         }
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """SIGTERM (a graceful stop), then SIGKILL the process group if it outlives `timeout`."""
+    if process is None or process.poll() is not None:
+        return process.returncode if process else None
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(10)
+
+
 def compose_command(service: str) -> list[str]:
     """The command compose.yaml runs for `service`: tests run exactly this, plus test flags."""
     spec = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -251,14 +263,7 @@ class WorkerProcess:
         self.process.wait(10)
 
     def stop(self, timeout: float = 40) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait(10)
+        return stop_process(self.process, timeout)
 
 
 def redis_server_available() -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,14 @@ from celery import Celery
 from port_for import get_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.infra import ROOT, ManagedRabbitNode, WorkerProcess, compose_command, wait_for
+from tests.infra import (
+    ROOT,
+    ManagedRabbitNode,
+    WorkerProcess,
+    compose_command,
+    stop_process,
+    wait_for,
+)
 
 FLOWER_USER, FLOWER_PASSWORD = "operator", "s3cret-pass"
 #: Where screenshots and other evidence go (kept by CI as artifacts).
@@ -70,14 +76,7 @@ class ServiceProcess:
         wait_for(answers, timeout, interval=0.3, what=f"{url} to answer")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        stop_process(self.process, 20)
 
 
 def project_command(service: str, *test_flags: str) -> list[str]:

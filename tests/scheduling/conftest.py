@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.infra import ROOT, WorkerProcess, compose_command, wait_for
+from tests.infra import ROOT, WorkerProcess, compose_command, stop_process, wait_for
 
 #: What beat logs when it takes the lock (tasks/schedule/scheduler.py).
 ACTIVE_LINE = "this beat is now the active one"
@@ -104,14 +104,7 @@ class BeatProcess:
         self.process.wait(10)
 
     def stop(self, timeout: float = 20) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait(10)
+        return stop_process(self.process, timeout)
 
 
 @pytest.fixture(scope="module")
