@@ -166,8 +166,15 @@ def test_flower_keeps_its_task_history_across_a_restart(
 ) -> None:
     result = producer.send_task("tests.add", args=(1, 1))
     assert result.get(timeout=30) == 2
+    # The result is in Redis before Flower has processed the task-succeeded event: wait for
+    # Flower's own state, or the restart below would save (and test) STARTED.
     wait_for(
-        lambda: result.id in get(flower.url + "/api/tasks")[1], 15, what="Flower to see the task"
+        lambda: (
+            json.loads(get(flower.url + "/api/tasks")[1]).get(result.id, {}).get("state")
+            == "SUCCESS"
+        ),
+        15,
+        what="Flower to see the task succeed",
     )
 
     # When Flower stops (it saves its state) and starts again on the same database
