@@ -7,6 +7,7 @@ FLOWER_* variables (see docs/monitoring.md), so that one place, the environment,
 
 from tornado.options import options
 
-from workers.flower import check
+from workers.flower import check, verify_management_api_with_broker_ca
 
 check(options)
+verify_management_api_with_broker_ca()

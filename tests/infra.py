@@ -280,14 +280,25 @@ class ManagedRabbitNode(RabbitNode):
     def __init__(self, workdir: Path, **kwargs: Any) -> None:
         super().__init__(workdir, **kwargs)
         self.management_port = get_port(None, [self.port, self.dist_port])
-        with (workdir / "rabbitmq.conf").open("a") as config:
-            config.write(
-                "management.tcp.ip = 127.0.0.1\n"
-                f"management.tcp.port = {self.management_port}\n"
-                "collect_statistics_interval = 1000\n"
+        tls: TlsFiles | None = kwargs.get("tls")
+        if tls is None:
+            listener = (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
             )
+        else:
+            # With TLS for AMQP the management API is HTTPS only, with the same certificate.
+            listener = (
+                "management.ssl.ip = 127.0.0.1\n"
+                f"management.ssl.port = {self.management_port}\n"
+                f"management.ssl.cacertfile = {tls.ca}\n"
+                f"management.ssl.certfile = {tls.cert}\n"
+                f"management.ssl.keyfile = {tls.key}\n"
+            )
+        with (workdir / "rabbitmq.conf").open("a") as config:
+            config.write(listener + "collect_statistics_interval = 1000\n")
         (workdir / "plugins").write_text("[rabbitmq_management].\n")
-        self.api_url = f"http://guest:guest@127.0.0.1:{self.management_port}/api/"
+        scheme = "http" if tls is None else "https"
+        self.api_url = f"{scheme}://guest:guest@127.0.0.1:{self.management_port}/api/"
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         """name -> ready, unacked, consumers, straight from rabbitmqctl."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 #: Host names that resolve to loopback on every machine Conveyor supports.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -57,3 +58,38 @@ def check(options: object) -> None:
     )
     if problem:
         raise UnsafeFlowerConfiguration(f"refusing to start: {problem}")
+
+
+def management_api_tls(broker_use_ssl: object) -> dict[str, object]:
+    """Tornado HTTP client options for Flower's calls to the RabbitMQ management API.
+
+    Flower derives them from `broker_use_ssl`, but reads Redis-style keys (`ssl_ca_certs`,
+    `ssl_cert_reqs`) that py-amqp refuses, so with Conveyor's `ca_certs` it verified the API's
+    certificate against the system store only and a private CA failed. This reads the py-amqp
+    keys the broker connection itself uses: one CA and client certificate for both. Verification
+    is never turned off here.
+    """
+    options: dict[str, object] = {"validate_cert": True}
+    if isinstance(broker_use_ssl, dict):
+        if broker_use_ssl.get("ca_certs"):
+            options["ca_certs"] = broker_use_ssl["ca_certs"]
+        if broker_use_ssl.get("certfile") and broker_use_ssl.get("keyfile"):
+            options["client_cert"] = broker_use_ssl["certfile"]
+            options["client_key"] = broker_use_ssl["keyfile"]
+    return options
+
+
+def verify_management_api_with_broker_ca() -> None:
+    """Make Flower's management-API client trust the broker's CA (see management_api_tls)."""
+    from flower.utils import broker  # type: ignore[import-untyped]
+
+    if not callable(getattr(broker.RabbitMQ, "_tls_kwargs", None)):
+        raise RuntimeError(
+            "this Flower version has no RabbitMQ._tls_kwargs; check how it verifies the "
+            "management API's certificate before upgrading"
+        )
+
+    def _tls_kwargs(self: Any) -> dict[str, object]:
+        return management_api_tls(self.kwargs.get("broker_use_ssl"))
+
+    broker.RabbitMQ._tls_kwargs = _tls_kwargs

@@ -108,3 +108,20 @@ def test_the_hard_time_limit_fires_before_the_brokers_consumer_timeout() -> None
     consumer_timeout_ms = int(re.search(r"^consumer_timeout\s*=\s*(\d+)", conf, re.M)[1])  # type: ignore[index]
     assert celeryconfig.task_soft_time_limit < celeryconfig.task_time_limit
     assert celeryconfig.task_time_limit * 1000 < consumer_timeout_ms
+
+
+def test_chaos_ledger_counts_runs_of_re_published_ids_apart_from_redeliveries() -> None:
+    from tests.chaos.harness import count_duplicates
+
+    ok = ["once", "redelivered", "republished-landed-twice", "republished-and-redelivered"]
+    indeterminate = {"republished-landed-twice": 1, "republished-and-redelivered": 1}
+    runs = {
+        "once": 1,
+        "redelivered": 2,
+        "republished-landed-twice": 2,
+        "republished-and-redelivered": 3,
+    }
+    # The second run of a re-published id is its second publish; a third is a redelivery.
+    assert count_duplicates(ok, indeterminate, runs) == (2, 2)
+    # A re-published id whose first publish never landed ran once: nothing to excuse.
+    assert count_duplicates(["x"], {"x": 3}, {"x": 1}) == (0, 0)
