@@ -79,9 +79,14 @@ worker_prefetch_multiplier = 1  # one reserved message per process: no task wait
 #: explicit (autoretry_for / self.retry), bounded by max_retries.
 task_acks_on_failure = True
 task_acks_on_timeout = True
-#: Stop running acks_late tasks when the broker connection is lost: their ack cannot reach the
-#: broker any more, so the broker redelivers them anyway (the 6.0 default).
-worker_cancel_long_running_tasks_on_connection_loss = True
+#: Let running tasks finish when the broker connection is lost (Celery 6.0 will default to
+#: cancelling them). Their ack cannot reach the broker, so the message is redelivered either
+#: way; what cancelling changes is that the running copy is killed mid-effect (SIGTERM to its
+#: pool process), between an idempotent effect and its done-marker, and the redelivery then
+#: repeats the effect (seen in the F8 chaos run). Finishing lets run_once record the effect, so
+#: the redelivered copy finds it done. The cost is a task possibly running beside its
+#: redelivered copy for as long as it takes.
+worker_cancel_long_running_tasks_on_connection_loss = False
 #: Shown as STARTED in Flower and AsyncResult.state while running.
 task_track_started = True
 

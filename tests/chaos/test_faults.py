@@ -73,11 +73,11 @@ def effects_once(ledger: redis.Redis, producer: Producer) -> None:
     assert not repeated, f"duplicate effects: {repeated}"
 
 
-def idempotent_args(run: str) -> Any:
+def idempotent_args(run: str, seconds: float = 0.05) -> Any:
     # The idempotency records outlive the test (they are not in the flushed ledger): a key of
     # this run only, or a later run of the same scenario finds its effects "already done".
     run = f"{run}-{uuid.uuid4().hex[:8]}"
-    return lambda i: (f"{run}-{i}", 0.05)
+    return lambda i: (f"{run}-{i}", seconds)
 
 
 @pytest.mark.parametrize("size", size_params())
@@ -260,8 +260,13 @@ def _broker_fault_scenario(
     concurrency = 2
     worker = chaos.start_worker(name.split()[0].lower(), concurrency=concurrency)
     started = time.monotonic()
+    # Idempotent tasks: a re-published id and a redelivery both run again, and the effect
+    # must still happen once.
     producer = Producer(
-        worker_tasks.chaos_work, tasks, work(0.02), spread=max(4.0, tasks * 0.015)
+        worker_tasks.idempotent_effect,
+        tasks,
+        idempotent_args(name.split()[0].lower(), 0.02),
+        spread=max(4.0, tasks * 0.015),
     ).start()
     count = repeat(faults, every or producer.spread / (faults + 1), fault, producer)
     producer.join()
@@ -276,6 +281,7 @@ def _broker_fault_scenario(
         timeout=180,
     )
     assert_invariants(outcome, producer)
+    effects_once(chaos.ledger, producer)
     # The same worker process reconnected by itself: no restart by the test
     assert worker.process is not None and worker.process.poll() is None
     return outcome, producer, worker
