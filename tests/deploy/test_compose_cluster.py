@@ -6,9 +6,11 @@ script that installs the shared Erlang cookie is run for real.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from kombu import Connection
 
-from tests.infra import ROOT, compose_command
+from tests.infra import ROOT, ChaosRabbitNode, compose_command
 from tests.unit.test_compose import REQUIRED, compose_config
 
 NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
@@ -158,3 +160,49 @@ def test_a_node_installs_the_shared_cookie_readable_by_its_owner_only(tmp_path: 
         assert path.read_text() == "s3cr3t-cookie"
         assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert os.access(NODE_SCRIPT, os.X_OK)
+
+
+@pytest.mark.integration
+def test_rabbitmq_boots_with_the_cluster_nodes_config_and_definitions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the files a cluster node mounts (conveyor.conf, cluster.conf) and the definitions
+    # the one-shot writes, with the definitions path pointed at a private file
+    for role in ("ADMIN", "PRODUCER", "WORKER", "MONITOR"):
+        monkeypatch.setenv(f"CONVEYOR_{role}_PASSWORD", f"pw-{role.lower()}")
+    definitions = tmp_path / "definitions.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "rabbitmq" / "definitions.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    definitions.write_text(done.stdout)
+    rabbitmq = ROOT / "deploy" / "rabbitmq"
+    conveyor_conf = (
+        (rabbitmq / "conveyor.conf")
+        .read_text()
+        .replace("/etc/rabbitmq/definitions/definitions.json", str(definitions))
+    )
+    assert str(definitions) in conveyor_conf
+    config = conveyor_conf + (rabbitmq / "cluster.conf").read_text()
+    # The guest account the test node adds is not used; the node's own settings come first.
+    node = ChaosRabbitNode(tmp_path / "node", extra_config=config)
+
+    # When a RabbitMQ 3.10 node starts with them, none of its listed peers reachable
+    node.start()
+    try:
+        # Then it accepts every setting (an unknown key stops the boot), forms a cluster of
+        # its own and has loaded the Conveyor topology
+        status = node.ctl("cluster_status", "--formatter", "json")
+        assert node.node_name in status
+        queues = json.loads(
+            node.ctl("list_queues", "-p", "conveyor", "name", "type", "--formatter", "json")
+        )
+        types = {row["name"]: row["type"] for row in queues}
+        assert {types[name] for name in ("default", "batch", "scheduled", "priority")} == {"quorum"}
+        users = node.ctl("list_users", "--formatter", "json")
+        assert "conveyor-worker" in users and "conveyor-monitor" in users
+    finally:
+        node.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 import celeryconfig
-from tests.infra import ROOT, compose_command
+from tests.infra import ROOT, compose_command, require
 
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -121,6 +122,25 @@ def test_the_keda_objects_are_there_and_the_schemas_are_the_vendored_crds() -> N
         assert re.search(r"commit\s+(#\s+)?[0-9a-f]{40}", header), (
             f"{name} does not name its commit"
         )
+
+
+def test_the_kustomization_renders_objects_that_validate_too() -> None:
+    # kubectl's built-in kustomize, offline: what `kubectl apply -k` would send.
+    require(shutil.which("kubectl") is not None, "kubectl not installed")
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    rendered = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    assert sorted(o["kind"] for o in rendered) == sorted(o["kind"] for o in OBJECTS)
+    for obj in rendered:
+        assert validation_errors(obj, KUBERNETES_VERSIONS[-1]) == [], obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "conveyor"
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "conveyor", obj["metadata"]["name"]
+        if obj["kind"] == "Deployment":
+            (container,) = obj["spec"]["template"]["spec"]["containers"]
+            assert container["image"] == "conveyor:local"
 
 
 @pytest.mark.parametrize(
