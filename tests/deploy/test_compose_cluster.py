@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kombu import Connection
 
-from tests.infra import ROOT, ChaosRabbitNode, compose_command
+from tests.infra import RABBITMQ_BIN, ROOT, ChaosRabbitNode, compose_command
 from tests.unit.test_compose import REQUIRED, compose_config
 
 NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
@@ -204,5 +204,25 @@ def test_rabbitmq_boots_with_the_cluster_nodes_config_and_definitions(
         assert {types[name] for name in ("default", "batch", "scheduled", "priority")} == {"quorum"}
         users = node.ctl("list_users", "--formatter", "json")
         assert "conveyor-worker" in users and "conveyor-monitor" in users
+
+        # And the cluster-ready step's command runs on RabbitMQ 3.10 and is a no-op where every
+        # queue already has its replica (as on a second `up`): here "the other nodes" is the
+        # node itself, which holds all of them.
+        compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+        script = compose["services"]["rabbitmq-cluster-ready"]["command"][-1].replace("$$", "$")
+        script = (
+            script.replace("rabbit@rabbitmq-2 rabbit@rabbitmq-3", node.node_name)
+            .replace("rabbit@rabbitmq-1", node.node_name)
+            .replace("rabbitmq-queues", str(RABBITMQ_BIN / "rabbitmq-queues"))
+        )
+        grown = subprocess.run(
+            ["sh", "-c", script],
+            env=node.executor._popen_kwargs["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert grown.returncode == 0, grown.stdout + grown.stderr
+        assert "Growing all quorum queues" in grown.stdout
     finally:
         node.stop()
