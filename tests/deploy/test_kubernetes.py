@@ -351,3 +351,25 @@ def test_the_configmap_holds_settings_compose_gives_every_service() -> None:
     shared = set(compose["x-app"]["environment"])
     config = set(find("ConfigMap", "conveyor")["data"])
     assert config - shared == {"CONVEYOR_HEALTH_DIR"}
+
+
+def test_every_file_a_container_is_told_to_read_is_mounted() -> None:
+    config = find("ConfigMap", "conveyor")["data"]
+    for obj in OBJECTS:
+        if obj["kind"] != "Deployment":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for container in pod["containers"]:
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+            env = {**config, **{v["name"]: v.get("value") for v in container.get("env", [])}}
+            files = {name: value for name, value in env.items() if name.endswith("_FILE")}
+            assert {"CELERY_BROKER_URL_FILE", "CELERY_RESULT_BACKEND_FILE"} <= set(files)
+            for name, path in files.items():
+                directory, filename = path.rsplit("/", 1)
+                sources = mounts[directory]["projected"]["sources"]
+                paths = {item["path"] for s in sources for item in s["secret"]["items"]}
+                assert filename in paths, f"{obj['metadata']['name']}: {name}={path}"
+            if obj["metadata"]["name"] == "conveyor-worker":
+                # The probe files live where the worker writes them.
+                assert "emptyDir" in mounts[config["CONVEYOR_HEALTH_DIR"]]
