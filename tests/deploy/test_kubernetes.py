@@ -262,7 +262,8 @@ def test_the_scaled_queues_are_the_queues_the_worker_serves_and_the_broker_defin
     (trigger,) = scaled["spec"]["triggers"]
     metadata = trigger["metadata"]
     assert trigger["type"] == "rabbitmq"
-    assert metadata["protocol"] == "http"  # counts unacked (running) tasks too
+    # The management API, counting unacknowledged (running) tasks too.
+    assert metadata["protocol"] == "http" and metadata["excludeUnacknowledged"] == "false"
     assert metadata["useRegex"] == "true" and metadata["operation"] == "sum"
     pattern = re.compile(metadata["queueName"])
     matched = {name for name in defined_queues if pattern.search(name)}
