@@ -21,11 +21,24 @@ REQUIRED = {
 }
 
 
-def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+#: Services that run once and exit; the others must stay up and healthy.
+ONE_SHOTS = {"rabbitmq-definitions", "rabbitmq-cluster-ready"}
+
+
+def compose_config(env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with exactly these variables (and options such as --profile)."""
     require(shutil.which("docker-compose") is not None, "docker-compose not installed")
     clean = {k: v for k, v in os.environ.items() if k not in REQUIRED}
     return subprocess.run(
-        ["docker-compose", "--project-directory", str(ROOT), "-f", "compose.yaml", "config"],
+        [
+            "docker-compose",
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            "compose.yaml",
+            *options,
+            "config",
+        ],
         cwd=ROOT,
         env={**clean, **env},
         capture_output=True,
@@ -40,8 +53,8 @@ def test_the_compose_file_validates() -> None:
     services = yaml.safe_load(done.stdout)["services"]
     assert {"rabbitmq", "redis", "worker", "worker_priority", "beat", "flower"} <= set(services)
     for name, service in services.items():
-        if name == "rabbitmq-definitions":
-            continue  # a one-shot step: the broker waits for it to complete
+        if name in ONE_SHOTS:
+            continue  # one-shot steps: what needs them waits for them to complete
         assert "healthcheck" in service, f"{name} has no healthcheck"
     assert services["rabbitmq"]["depends_on"] == {
         "rabbitmq-definitions": {"condition": "service_completed_successfully"}
