@@ -6,7 +6,7 @@ That is the guarantee a task message needs, but a monitoring event is transient:
 ``celeryev`` topic exchange, non-persistent, into Flower's and the exporter's auto-delete
 queues, and nobody resends a lost one. Waiting for its confirm bought nothing and cost the
 worker's main loop a broker round trip per event, three per task (received, started,
-succeeded): about a third of its samples in a profile (docs/performance.md).
+succeeded), and every ``delay()`` a second one (docs/performance.md).
 
 The worker's event dispatcher is the only user of ``Consumer.connection_for_write``, so the
 consumer class below gives that connection ``confirm_publish=False``. The producer side
