@@ -203,6 +203,10 @@ result_chord_expires = 7 * 86_400
 # --- Events and remote control (Flower, inspect) ------------------------------------------------
 worker_send_task_events = True
 task_send_sent_event = True
+#: Events are transient, so their connections skip publisher confirms; task messages keep
+#: them. Each confirmed event cost a broker round trip: one more per delay(), three per task
+#: in the worker's main loop (docs/performance.md, workers/events.py).
+worker_consumer = "workers.events:Consumer"
 #: Beat answers `celery inspect ping` as celerybeat@<host>, which its healthcheck uses.
 beat_enable_remote_control = True
 

@@ -14,6 +14,7 @@ from celery.utils.log import get_task_logger
 
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once
 from tasks.schedule import overlap
+from workers.events import sent_event_dispatcher
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
@@ -153,6 +154,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
             now=datetime.now(UTC),
             declare_on_publish=bool(self.app.conf.conveyor_declare_on_publish),
         )
+        if self.app.conf.task_send_sent_event:
+            # The task-sent event off the task's confirmed channel (workers/events.py).
+            options.setdefault("event_dispatcher", sent_event_dispatcher(self.app))
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )

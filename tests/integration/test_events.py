@@ -1,0 +1,67 @@
+"""Monitoring events skip publisher confirms, task messages keep them, and monitors see all."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests import worker_tasks
+from tests.infra import WorkerProcess, wait_for
+from workers.events import sent_event_dispatcher
+
+pytestmark = pytest.mark.integration
+
+TASK_EVENTS = ("task-sent", "task-received", "task-started", "task-succeeded")
+
+
+@pytest.fixture
+def monitor(conveyor_app: Celery) -> Iterator[list[dict[str, Any]]]:
+    """Every event on the broker's event exchange, captured as Flower and the exporter do."""
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    with conveyor_app.connection_for_read() as connection:
+        receiver = conveyor_app.events.Receiver(
+            connection, handlers={"*": seen.append}, app=conveyor_app
+        )
+        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
+        thread.start()
+        assert ready.wait(20), "the event receiver never started"
+        yield seen
+        receiver.should_stop = True
+        thread.join(10)
+
+
+def test_a_monitor_sees_every_event_of_a_task(
+    worker: WorkerProcess, monitor: list[dict[str, Any]]
+) -> None:
+    # When a task is delayed and runs
+    result = worker_tasks.add.delay(1, 2)
+    assert result.get(timeout=20) == 3
+
+    # Then its four events reach the monitor, task-sent with the task's name and queue
+    def kinds() -> set[str]:
+        return {e["type"] for e in monitor if e.get("uuid") == result.id}
+
+    wait_for(lambda: kinds() >= set(TASK_EVENTS), 20, what=f"all of {TASK_EVENTS}")
+    sent = next(e for e in monitor if e["type"] == "task-sent" and e["uuid"] == result.id)
+    assert sent["name"] == "tests.add"
+    assert sent["queue"] == "default"
+
+
+def test_task_publishes_are_confirmed_and_task_sent_events_are_not(
+    worker: WorkerProcess, conveyor_app: Celery
+) -> None:
+    # Given a task sent, which opens both the task's and the event's channel
+    worker_tasks.add.delay(2, 2).get(timeout=20)
+
+    # Then the task's channel waits for confirms, and the event's channel never asked for them
+    with conveyor_app.producer_or_acquire() as producer:
+        assert producer.channel.basic_publish == producer.channel.basic_publish_confirm
+    events = sent_event_dispatcher(conveyor_app).producer.channel
+    assert events.basic_publish != events.basic_publish_confirm
+    assert events._confirm_selected is False

@@ -1,0 +1,31 @@
+"""Monitoring events go out on unconfirmed connections; everything else stays confirmed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from celery.utils.imports import symbol_by_name
+
+from tasks import app
+from workers import events
+
+
+def test_the_worker_uses_the_consumer_whose_event_connection_is_unconfirmed() -> None:
+    assert symbol_by_name(app.conf.worker_consumer) is events.Consumer
+
+
+def test_the_workers_event_connection_asks_for_no_confirms_and_the_apps_own_do() -> None:
+    consumer = SimpleNamespace(app=app, ensure_connected=lambda connection: connection)
+    event_connection = events.Consumer.connection_for_write(consumer)
+    try:
+        assert event_connection.transport_options["confirm_publish"] is False
+    finally:
+        event_connection.release()
+    with app.connection_for_write() as task_connection:
+        assert task_connection.transport_options["confirm_publish"] is True
+
+
+def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process() -> None:
+    dispatcher = events.sent_event_dispatcher(app)
+    assert events.sent_event_dispatcher(app) is dispatcher
+    assert dispatcher.connection.transport_options["confirm_publish"] is False
