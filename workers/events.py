@@ -52,13 +52,14 @@ class SentEventDispatcher(EventDispatcher):
         return super().publish(type, fields, producer, *args, **kwargs)
 
 
-_dispatchers: dict[tuple[int, int], SentEventDispatcher] = {}
+_dispatchers: dict[tuple[int, int, str], SentEventDispatcher] = {}
 _lock = threading.Lock()
 
 
 def sent_event_dispatcher(app: Celery) -> SentEventDispatcher:
-    """This process's dispatcher of task-sent events for `app` (a new one after a fork)."""
-    key = (id(app), os.getpid())
+    """This process's dispatcher of task-sent events for `app` (a new one after a fork, or
+    when the app is pointed at another broker: the events must go where the tasks go)."""
+    key = (id(app), os.getpid(), str(app.conf.broker_url))
     dispatcher = _dispatchers.get(key)
     if dispatcher is None:
         with _lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from celery import Celery
 from celery.utils.imports import symbol_by_name
 
 from tasks import app
@@ -25,7 +26,13 @@ def test_the_workers_event_connection_asks_for_no_confirms_and_the_apps_own_do()
         assert task_connection.transport_options["confirm_publish"] is True
 
 
-def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process() -> None:
-    dispatcher = events.sent_event_dispatcher(app)
-    assert events.sent_event_dispatcher(app) is dispatcher
+def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process_and_broker() -> None:
+    # An in-memory broker: the dispatcher connects when it is made.
+    producer = Celery("producer", broker="memory://a", set_as_current=False)
+    producer.conf.broker_transport_options = {"confirm_publish": True}
+    dispatcher = events.sent_event_dispatcher(producer)
+    assert events.sent_event_dispatcher(producer) is dispatcher
     assert dispatcher.connection.transport_options["confirm_publish"] is False
+    # Pointed at another broker (as tests and re-configured apps do), the events follow it.
+    producer.conf.broker_url = "memory://b"
+    assert events.sent_event_dispatcher(producer) is not dispatcher
