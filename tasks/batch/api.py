@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from tasks.batch import handlers
+from tasks.batch import codec, handlers
 from tasks.batch.publisher import ConfirmedPublisher
 from tasks.batch.store import FINAL_STATES, BatchStore, Status, store_for
 
@@ -159,7 +159,10 @@ def _publish(
         timeout=float(conf.conveyor_publish_timeout),
     ) as publisher:
         for start, items, extras in chunks:
-            args = [batch_id, attempt, published, start, items, extras]
+            payload, plain = codec.encode(items)
+            if plain:
+                extras = {**extras, "plain": True}
+            args = [batch_id, attempt, published, start, payload, extras]
             shown = f"({batch_id!r}, {attempt}, {published}, {start}, <{len(items)} items>)"
             publisher.send(process_chunk, args, f"{batch_id}.{attempt}.{published}", shown)
             published += 1

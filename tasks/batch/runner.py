@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,53 @@ def _retrying(handler: handlers.Handler, item: Any, key: str, attempts: int, bac
     return handler.process(item, key)
 
 
+#: Why the items left when a chunk reaches its soft time limit fail (retry re-runs them).
+SOFT_LIMIT_REASON = "the chunk reached its soft time limit"
+
+
+def process_items(
+    handler: handlers.Handler,
+    batch_id: str,
+    entries: Iterable[tuple[int, int, Any]],
+    *,
+    item_attempts: int = 3,
+    backoff: float = 0.1,
+) -> tuple[list[Any], dict[int, str]]:
+    """Run the handler over (offset, index, item) entries, item key ``<batch id>:<index>``.
+
+    Returns the values of the items that succeeded and ``{offset: reason}`` for those that
+    failed. This loop is every batch's hot path, and the benchmark's ceiling runs it too:
+    per item there is only the key, the call and the append. An exception leaves the inner
+    loop; the shared iterator then resumes after the item that raised.
+    """
+    values: list[Any] = []
+    failed: dict[int, str] = {}
+    append = values.append
+    process = handler.process
+    prefix = f"{batch_id}:"
+    remaining = iter(entries)
+    offset, item, key = 0, None, ""
+    while True:
+        try:
+            for offset, index, item in remaining:  # noqa: B007  (offset: for the handlers below)
+                key = f"{prefix}{index}"
+                append(process(item, key))
+            return values, failed
+        except SoftTimeLimitExceeded:
+            # The hard limit follows shortly: count what is done, fail the rest (retryable),
+            # rather than lose the whole chunk's outcome to the kill.
+            failed[offset] = SOFT_LIMIT_REASON
+            failed.update((rest, SOFT_LIMIT_REASON) for rest, _index, _item in remaining)
+            return values, failed
+        except handler.transient:
+            try:
+                append(_retrying(handler, item, key, item_attempts, backoff))
+            except Exception as exc:
+                failed[offset] = describe(exc)
+        except Exception as exc:
+            failed[offset] = describe(exc)
+
+
 def run_chunk(
     store: BatchStore,
     batch_id: str,
@@ -68,57 +115,38 @@ def run_chunk(
         )
         return ChunkOutcome(0, 0, len(items), counted, ready)
 
-    indices: Sequence[int] | None = extras.get("indices")
+    indices: Sequence[int] = extras.get("indices") or range(start, start + len(items))
     lines: Sequence[int | None] | None = extras.get("lines")
-    errors: Mapping[str, str] = extras.get("errors") or {}
+    # Rows the producer could not read fail as they are, without reaching the handler.
+    unreadable = {int(offset): error for offset, error in (extras.get("errors") or {}).items()}
+    entries: Iterable[tuple[int, int, Any]] = zip(range(len(items)), indices, items, strict=False)
+    if unreadable:
+        entries = (entry for entry in entries if entry[0] not in unreadable)
+
     handler: handlers.Handler | None = None
-    setup_error = ""
+    values: list[Any] = []
     try:
         handler = handlers.get(name)(options)
     except Exception as exc:
         # Every item fails with the reason; `batch retry` re-runs them once it is fixed.
-        setup_error = f"handler {name!r} unavailable: {describe(exc)}"
+        reason = f"handler {name!r} unavailable: {describe(exc)}"
+        failed = {offset: reason for offset, _index, _item in entries}
+    else:
+        values, failed = process_items(
+            handler, batch_id, entries, item_attempts=item_attempts, backoff=backoff
+        )
 
-    values: list[Any] = []
-    failures: dict[int, dict[str, Any]] = {}
-
-    def fail(offset: int, index: int, error: str, input_error: bool = False) -> None:
-        failures[index] = {
-            "index": index,
+    failures = {
+        indices[offset]: {
+            "index": indices[offset],
             "line": lines[offset] if lines is not None else None,
             "error": error,
             "item": items[offset],
             "attempt": attempt,
-            "input_error": input_error,
+            "input_error": offset in unreadable,
         }
-
-    bad = {int(offset): error for offset, error in errors.items()}
-    # The loop is the hot path of every batch: nothing in it that a trivial item can't afford.
-    for offset, item in enumerate(items):
-        index = start + offset if indices is None else indices[offset]
-        if bad and offset in bad:
-            fail(offset, index, bad[offset], input_error=True)
-            continue
-        if handler is None:
-            fail(offset, index, setup_error)
-            continue
-        key = f"{batch_id}:{index}"
-        try:
-            values.append(handler.process(item, key))
-        except SoftTimeLimitExceeded:
-            # The hard limit follows shortly: count what is done, fail the rest (retryable),
-            # rather than lose the whole chunk's outcome to the kill.
-            for rest in range(offset, len(items)):
-                rest_index = start + rest if indices is None else indices[rest]
-                fail(rest, rest_index, "the chunk reached its soft time limit")
-            break
-        except handler.transient:
-            try:
-                values.append(_retrying(handler, item, key, item_attempts, backoff))
-            except Exception as exc:
-                fail(offset, index, describe(exc))
-        except Exception as exc:
-            fail(offset, index, describe(exc))
+        for offset, error in (unreadable | failed).items()
+    }
     partial = None
     if handler is not None and values:
         partial = handler.combine(values)

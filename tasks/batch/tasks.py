@@ -6,7 +6,7 @@ from typing import Any
 
 from celery.utils.log import get_task_logger
 
-from tasks.batch import api, runner
+from tasks.batch import api, codec, runner
 from tasks.batch.store import store_for
 from tasks.celery_app import app
 
@@ -20,10 +20,14 @@ def process_chunk(
     attempt: int,
     chunk_no: int,
     start: int,
-    items: list[Any],
+    items: str | list[Any],
     extras: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Process one chunk of a batch. Idempotent: a redelivered chunk is counted once."""
+    """Process one chunk of a batch. Idempotent: a redelivered chunk is counted once.
+
+    `items` is the chunk's items as JSON text (tasks.batch.codec), or a list; ``extras``
+    says how to read them and where they came from (runner.run_chunk).
+    """
     conf = self.app.conf
     outcome = runner.run_chunk(
         store_for(self.app),
@@ -31,7 +35,7 @@ def process_chunk(
         attempt,
         chunk_no,
         start,
-        items,
+        codec.decode(items, plain=bool(extras and extras.get("plain"))),
         extras,
         item_attempts=int(conf.conveyor_batch_item_attempts),
         backoff=float(conf.conveyor_batch_item_backoff),
