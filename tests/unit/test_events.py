@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from celery import Celery
 from celery.utils.imports import symbol_by_name
 
@@ -26,7 +27,11 @@ def test_the_workers_event_connection_asks_for_no_confirms_and_the_apps_own_do()
         assert task_connection.transport_options["confirm_publish"] is True
 
 
-def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process_and_broker() -> None:
+def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process_and_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Celery lets CELERY_BROKER_URL override any configured broker_url.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     # An in-memory broker: the dispatcher connects when it is made.
     producer = Celery("producer", broker="memory://a", set_as_current=False)
     producer.conf.broker_transport_options = {"confirm_publish": True}
