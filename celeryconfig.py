@@ -246,6 +246,9 @@ conveyor_batch_chunk_size = 1000
 #: Chunk messages a producer may have unconfirmed at once: confirms are pipelined, and this
 #: bound makes a slow or blocked broker slow the producer down instead of queueing locally.
 conveyor_batch_max_unconfirmed = 100
+#: Unconfirmed messages in flight for tasks.bulk.enqueue_many: small task messages, so a deeper
+#: pipeline than for chunks (about raw AMQP's rate at 1,000; the broker still paces it).
+conveyor_bulk_max_unconfirmed = 1000
 #: Tries of an item that raised a transient error (TransientItemError, ConnectionError,
 #: TimeoutError), with a backoff that starts here and doubles (seconds), before it fails.
 conveyor_batch_item_attempts = 3

@@ -28,7 +28,7 @@ from benchmarks.environment import (
     private_services,
     summarize,
 )
-from benchmarks.systems import ALL, System
+from benchmarks.systems import ALL, Conveyor, System
 from benchmarks.workload import LATENCY_KEY
 
 
@@ -125,6 +125,19 @@ def bench_bulk_raw(services: Services, sizes: Sizes) -> list[dict[str, Any]]:
     return [summarize("raw_amqp", "bulk_enqueue_pipelined", "msgs/s", rates)]
 
 
+def bench_bulk_conveyor(system: Conveyor, sizes: Sizes) -> list[dict[str, Any]]:
+    """tasks.bulk.enqueue_many: Conveyor's task messages, pipelined confirms (the bulk path)."""
+    from tasks.bulk import enqueue_many
+
+    rates = []
+    for _ in range(sizes.repeats):
+        started = time.perf_counter()
+        enqueue_many(system.noop, (() for _ in range(sizes.bulk)))
+        rates.append(sizes.bulk / (time.perf_counter() - started))
+        system.purge()
+    return [summarize(system.name, "bulk_enqueue_pipelined", "msgs/s", rates)]
+
+
 def ratios(results: list[dict[str, Any]]) -> list[str]:
     """Readable ratios of Conveyor against the floor and the peers, same run."""
     table = {(r["system"], r["metric"]): r["value"] for r in results}
@@ -165,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     for row in rows:
                         print(json.dumps(row), flush=True)
                 rows = bench_latency(system, sizes, services.redis_url)
+                if isinstance(system, Conveyor):
+                    rows += bench_bulk_conveyor(system, sizes)
                 results.extend(rows)
                 for row in rows:
                     print(json.dumps(row), flush=True)

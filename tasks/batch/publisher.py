@@ -65,7 +65,16 @@ class ConfirmedPublisher:
         self._nacked += 1
         self._on_ack(tag, multiple)
 
-    def send(self, task: Any, args: list[Any], task_id: str, argsrepr: str) -> None:
+    def send(
+        self,
+        task: Any,
+        args: list[Any],
+        task_id: str,
+        argsrepr: str,
+        *,
+        ignore_result: bool = True,
+        **options: Any,
+    ) -> None:
         """Publish one task message; waits only when too many are unconfirmed.
 
         `argsrepr` is what Flower and the logs show for the arguments: Celery would otherwise
@@ -76,9 +85,10 @@ class ConfirmedPublisher:
             task_id=task_id,
             producer=self.producer,
             retry=False,
-            ignore_result=True,
+            ignore_result=ignore_result,
             argsrepr=argsrepr,
             kwargsrepr="{}",
+            **options,
         )
         self.wait(self.max_unconfirmed)
 
