@@ -32,6 +32,10 @@ from tests.infra import RABBITMQ_BIN, ChaosRabbitNode, RabbitNode
 SYSTEM_COOKIE = Path("/var/lib/rabbitmq/.erlang.cookie")
 DEFAULT_DIR = Path(os.environ.get("CONVEYOR_CLUSTER_DIR", "/tmp/conveyor-cluster"))
 STATE_FILE = "cluster.json"
+#: A node that sees a majority of the cluster gone stops serving clients until it is back:
+#: publishers then fail at once with a refused connection instead of waiting out each quorum
+#: queue's 60 s command timeout (docs/scaling.md).
+PARTITION_HANDLING = "cluster_partition_handling = pause_minority\n"
 
 
 class RabbitCluster:
@@ -44,7 +48,9 @@ class RabbitCluster:
         home.mkdir(exist_ok=True)
         _install_cookie(home / ".erlang.cookie")
         self.nodes = [
-            ChaosRabbitNode(workdir / f"c{i}", node_prefix=f"c{i}", home=home)
+            ChaosRabbitNode(
+                workdir / f"c{i}", node_prefix=f"c{i}", home=home, extra_config=PARTITION_HANDLING
+            )
             for i in range(1, size + 1)
         ]
         self.api_urls = [node.enable_management() for node in self.nodes] if management else []

@@ -4,7 +4,9 @@ A real `celery -A tasks worker` (concurrency 2) drains 2,000 short tasks from th
 `default` while a producer keeps publishing with confirms. One node is killed with SIGKILL:
 first the node the worker consumes through, then, separately, the node leading the queue.
 The ledger (tests/chaos/harness.py) shows what was lost and what ran twice; each task's start
-time shows how long consumption stopped. docs/scaling.md records the figures.
+time shows how long consumption stopped. A third scenario kills two of the three nodes: the
+queue has no quorum, a publish must fail at once, and the tasks confirmed before must all run
+once the nodes are back. docs/scaling.md records the figures.
 """
 
 from __future__ import annotations
