@@ -78,10 +78,9 @@ broker_use_ssl: dict[str, Any] | bool = False
 if urlsplit(broker_url).scheme == "amqps":
     broker_use_ssl = {
         "cert_reqs": ssl.CERT_REQUIRED,
-        # None: kombu checks each node's certificate against that node's own host name.
-        "server_hostname": urlsplit(broker_url).hostname
-        if len(conveyor_broker_urls) == 1
-        else None,
+        # With a cluster's URL list this is the first node's name for every connection of the
+        # process, so each node's certificate must carry every node's name (docs/scaling.md).
+        "server_hostname": urlsplit(broker_url).hostname,
         # py-amqp loads no trust store by itself: default to the system's bundle.
         "ca_certs": os.environ.get("CONVEYOR_BROKER_TLS_CA")
         or ssl.get_default_verify_paths().openssl_cafile,
