@@ -26,7 +26,7 @@ from tests.chaos.harness import Producer, assert_invariants, check, publish_boun
 from tests.cluster import RabbitCluster
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(600)]
 
 CONCURRENCY = 2
 TASKS = 2000
