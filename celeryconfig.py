@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import ssl
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,31 @@ def _secret(name: str, default: str) -> str:
 broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
 
+# --- RabbitMQ cluster: failover and replication (docs/scaling.md) ------------------------------
+#: CELERY_BROKER_URL may list every node of a cluster, separated by ";". kombu always connects
+#: to the first URL first, so every client would crowd onto the first node. Each process takes
+#: the nodes in its own random order instead (false keeps the order given).
+conveyor_broker_shuffle = os.environ.get("CONVEYOR_BROKER_SHUFFLE", "true").lower() == "true"
+conveyor_broker_urls = [url.strip() for url in broker_url.split(";") if url.strip()]
+if conveyor_broker_shuffle and len(conveyor_broker_urls) > 1:
+    random.shuffle(conveyor_broker_urls)
+    broker_url = ";".join(conveyor_broker_urls)
+    if "CELERY_BROKER_URL" in os.environ:
+        # Celery reads this variable in preference to the broker_url setting.
+        os.environ["CELERY_BROKER_URL"] = broker_url
+#: After losing its node a client tries each other node once, in its own order, before coming
+#: back to the dead one (kombu's "shuffle" draws with replacement and may pick it again).
+broker_failover_strategy = "round-robin"
+#: Replicas per quorum queue (x-quorum-initial-group-size). 0 sends no argument: RabbitMQ puts
+#: one on every cluster node, right for 3 or 5 nodes. Larger clusters set 3 or 5. RabbitMQ
+#: checks it on every declaration, so every producer, worker and provisioning run must use the
+#: same value, and changing it means new queues.
+conveyor_quorum_group_size = int(os.environ.get("CONVEYOR_QUORUM_GROUP_SIZE", "0"))
+#: Celery's consumer with workers/failover.py's delayed-delivery step (the stock step retries
+#: every URL of the list, dead nodes included, for 9 s each on every reconnection) and
+#: workers/events.py's event connection without publisher confirms (see the events section).
+worker_consumer = "workers.failover:Consumer"
+
 # --- TLS to the broker ------------------------------------------------------------------------
 #: With an amqps:// URL the broker's certificate is always verified, against this CA bundle
 #: (the system's trust store when unset), and its name checked against the URL's host.
@@ -53,6 +79,8 @@ broker_use_ssl: dict[str, Any] | bool = False
 if urlsplit(broker_url).scheme == "amqps":
     broker_use_ssl = {
         "cert_reqs": ssl.CERT_REQUIRED,
+        # With a cluster's URL list this is the first node's name for every connection of the
+        # process, so each node's certificate must carry every node's name (docs/scaling.md).
         "server_hostname": urlsplit(broker_url).hostname,
         # py-amqp loads no trust store by itself: default to the system's bundle.
         "ca_certs": os.environ.get("CONVEYOR_BROKER_TLS_CA")
@@ -123,6 +151,8 @@ _queue_arguments: dict[str, Any] = {
     "x-dead-letter-strategy": "at-least-once",
     "x-overflow": "reject-publish",
 }
+if conveyor_quorum_group_size:
+    _queue_arguments["x-quorum-initial-group-size"] = conveyor_quorum_group_size
 task_queues = tuple(
     Queue(name, _task_exchange, routing_key=name, queue_arguments=_queue_arguments, durable=True)
     for name in conveyor_queue_names
@@ -205,8 +235,8 @@ worker_send_task_events = True
 task_send_sent_event = True
 #: Events are transient, so their connections skip publisher confirms; task messages keep
 #: them. Each confirmed event cost a broker round trip: one more per delay(), three per task
-#: in the worker's main loop (docs/performance.md, workers/events.py).
-worker_consumer = "workers.events:Consumer"
+#: in the worker's main loop (docs/performance.md, workers/events.py). The worker's side is
+#: in its consumer class, worker_consumer (cluster section: workers.failover builds on it).
 #: Beat answers `celery inspect ping` as celerybeat@<host>, which its healthcheck uses.
 beat_enable_remote_control = True
 

@@ -69,6 +69,8 @@ class RabbitNode:
         *,
         consumer_timeout_ms: int = 1_800_000,
         tls: TlsFiles | None = None,
+        node_prefix: str = "conveyor-test",
+        home: Path | None = None,
     ) -> None:
         require(
             (RABBITMQ_BIN / "rabbitmq-server").exists(),
@@ -76,7 +78,7 @@ class RabbitNode:
         )
         self.port = get_port(None)
         self.dist_port = get_port(None, [self.port])
-        self.node_name = f"conveyor-test-{self.port}@localhost"
+        self.node_name = f"{node_prefix}-{self.port}@localhost"
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "rabbitmq.conf"
         # The machine's /etc/rabbitmq config pins 5672; a private file replaces it.
@@ -119,6 +121,10 @@ class RabbitNode:
                 "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             }
         )
+        if home is not None:
+            # The Erlang cookie lives in HOME: nodes that must talk share one.
+            self.executor._envvars["HOME"] = str(home)
+        self.workdir = workdir
         scheme = "amqps" if tls else "amqp"
         self.url = f"{scheme}://guest:guest@127.0.0.1:{self.port}//"
 
@@ -128,6 +134,30 @@ class RabbitNode:
 
     def stop(self) -> None:
         self.executor.stop()
+
+    def enable_management(self, tls: TlsFiles | None = None) -> str:
+        """Turn the management plugin on (before start); returns its API URL.
+
+        With `tls` the API is served over HTTPS only, with the broker's certificate.
+        """
+        self.management_port = get_port(None, [self.port, self.dist_port])
+        if tls is None:
+            listener = (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+            )
+        else:
+            listener = (
+                "management.ssl.ip = 127.0.0.1\n"
+                f"management.ssl.port = {self.management_port}\n"
+                f"management.ssl.cacertfile = {tls.ca}\n"
+                f"management.ssl.certfile = {tls.cert}\n"
+                f"management.ssl.keyfile = {tls.key}\n"
+            )
+        with (self.workdir / "rabbitmq.conf").open("a") as config:
+            config.write(listener + "collect_statistics_interval = 1000\n")
+        (self.workdir / "plugins").write_text("[rabbitmq_management].\n")
+        scheme = "http" if tls is None else "https"
+        return f"{scheme}://guest:guest@127.0.0.1:{self.management_port}/api/"
 
     def ctl(self, *args: str) -> str:
         return self.executor.rabbitctl_output("-n", self.node_name, *args)
@@ -279,26 +309,7 @@ class ManagedRabbitNode(RabbitNode):
 
     def __init__(self, workdir: Path, **kwargs: Any) -> None:
         super().__init__(workdir, **kwargs)
-        self.management_port = get_port(None, [self.port, self.dist_port])
-        tls: TlsFiles | None = kwargs.get("tls")
-        if tls is None:
-            listener = (
-                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
-            )
-        else:
-            # With TLS for AMQP the management API is HTTPS only, with the same certificate.
-            listener = (
-                "management.ssl.ip = 127.0.0.1\n"
-                f"management.ssl.port = {self.management_port}\n"
-                f"management.ssl.cacertfile = {tls.ca}\n"
-                f"management.ssl.certfile = {tls.cert}\n"
-                f"management.ssl.keyfile = {tls.key}\n"
-            )
-        with (workdir / "rabbitmq.conf").open("a") as config:
-            config.write(listener + "collect_statistics_interval = 1000\n")
-        (workdir / "plugins").write_text("[rabbitmq_management].\n")
-        scheme = "http" if tls is None else "https"
-        self.api_url = f"{scheme}://guest:guest@127.0.0.1:{self.management_port}/api/"
+        self.api_url = self.enable_management(kwargs.get("tls"))
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         """name -> ready, unacked, consumers, straight from rabbitmqctl."""
@@ -331,9 +342,14 @@ class ChaosRabbitNode(RabbitNode):
     """
 
     def __init__(
-        self, workdir: Path, *, consumer_timeout_ms: int = 1_800_000, extra_config: str = ""
+        self,
+        workdir: Path,
+        *,
+        consumer_timeout_ms: int = 1_800_000,
+        extra_config: str = "",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(workdir, consumer_timeout_ms=consumer_timeout_ms)
+        super().__init__(workdir, consumer_timeout_ms=consumer_timeout_ms, **kwargs)
         if extra_config:
             with (workdir / "rabbitmq.conf").open("a") as config:
                 config.write(extra_config.rstrip("\n") + "\n")

@@ -44,6 +44,15 @@ def chaos_work(self: Any, seconds: float) -> str:
     return str(self.request.id)
 
 
+@app.task(name="tests.timed_work", bind=True)
+def timed_work(self: Any) -> None:
+    """Count this execution in the chaos ledger and log when it started (failover gaps)."""
+    with _ledger().pipeline(transaction=False) as pipe:
+        pipe.hincrby("runs", self.request.id, 1)
+        pipe.rpush("starts", time.time())
+        pipe.execute()
+
+
 @app.task(name="tests.poison")
 def poison() -> None:
     """Kill the pool process that runs it, as a task that always runs out of memory would."""

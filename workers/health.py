@@ -71,11 +71,12 @@ class LivenessProbe(bootsteps.StartStopStep):
 class ReadinessProbe(bootsteps.StartStopStep):
     """Consumer step: ``<node>.ready`` exists while the consumer is connected and consuming."""
 
-    # After DelayedDelivery too: until it has declared the celery_delayed_* exchanges and
-    # bound the task queues to them, a countdown publish fails (no exchange) or is dropped.
+    # After delayed delivery too (Conveyor's replacement of Celery's step, workers/failover.py):
+    # until it has declared the celery_delayed_* exchanges and bound the task queues to them,
+    # a countdown publish fails (no exchange) or is dropped.
     requires = (
         "celery.worker.consumer.tasks:Tasks",
-        "celery.worker.consumer.delayed_delivery:DelayedDelivery",
+        "workers.failover:ClusterDelayedDelivery",
     )
 
     def start(self, c: Any) -> None:

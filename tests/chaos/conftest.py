@@ -39,12 +39,12 @@ def chaos_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRabb
 def chaos_app(conveyor_app: Any, chaos_rabbit: ChaosRabbitNode) -> Iterator[Any]:
     """The project's app publishing to the chaos node; pointed back when the chaos tests end."""
     previous = conveyor_app.conf.broker_url
-    _point(conveyor_app, chaos_rabbit.url)
+    point_app(conveyor_app, chaos_rabbit.url)
     yield conveyor_app
-    _point(conveyor_app, previous)
+    point_app(conveyor_app, previous)
 
 
-def _point(app: Any, url: str) -> None:
+def point_app(app: Any, url: str) -> None:
     # Every cached connection and producer pool belongs to the old broker. kombu keeps them in
     # a process-wide registry keyed by connection, so closing only the app's own pool left a
     # closed producer pool behind for the old URL ("Acquire on closed pool" once pointed back).

@@ -45,6 +45,8 @@ class Producer:
     count: int
     args: Callable[[int], tuple[Any, ...]]
     spread: float = 5.0
+    #: The first `burst` ids go out back to back (a backlog); the rest over `spread` seconds.
+    burst: int = 0
     #: Gives up on an id after this long of failing publishes (the test then fails: a producer
     #: that cannot publish after the fault healed is a finding, not something to wait out).
     give_up_after: float = 180.0
@@ -67,7 +69,7 @@ class Producer:
         return self
 
     def _run(self) -> None:
-        pause = self.spread / max(self.count, 1)
+        pause = self.spread / max(self.count - self.burst, 1)
         for i in range(self.count):
             task_id = str(uuid.uuid4())
             first_try = time.monotonic()
@@ -87,7 +89,8 @@ class Producer:
                 self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
                 self.ok.append(task_id)
                 break
-            time.sleep(pause)
+            if i >= self.burst:
+                time.sleep(pause)
 
 
 @dataclass

@@ -1,0 +1,266 @@
+"""Failover on a 3-node RabbitMQ cluster: node kills during a drain, and the loss of quorum.
+
+A real `celery -A tasks worker` (concurrency 2) drains 2,000 short tasks from the quorum queue
+`default` while a producer keeps publishing with confirms. One node is killed with SIGKILL:
+first the node the worker consumes through, then, separately, the node leading the queue.
+The ledger (tests/chaos/harness.py) shows what was lost and what ran twice; each task's start
+time shows how long consumption stopped. A third scenario kills two of the three nodes: the
+queue has no quorum, a publish must fail at once, and the tasks confirmed before must all run
+once the nodes are back. docs/scaling.md records the figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.chaos.conftest import point_app
+from tests.chaos.harness import Producer, assert_invariants, check, publish_bound
+from tests.cluster import RabbitCluster
+from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(600)]
+
+CONCURRENCY = 2
+TASKS = 2000
+#: Published back to back before the worker starts, so that it never runs out of work and
+#: every gap in start times is the failover's.
+BACKLOG = 1500
+#: The acceptance bound: a worker resumes consuming this soon after losing its node.
+MAX_STALL = 5.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    started = time.monotonic()
+    cluster = RabbitCluster(tmp_path_factory.mktemp("cluster")).start()
+    print(f"3-node cluster up in {time.monotonic() - started:.1f}s")  # noqa: T201
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_app(conveyor_app: Any, cluster: RabbitCluster) -> Iterator[Any]:
+    previous = conveyor_app.conf.broker_url
+    point_app(conveyor_app, cluster.broker_url)
+    # The task queues exist before the first scenario looks for their leaders.
+    with conveyor_app.connection_for_write() as connection:
+        for queue in conveyor_app.conf.task_queues:
+            queue.bind(connection).declare()
+    yield conveyor_app
+    point_app(conveyor_app, previous)
+
+
+@dataclass
+class Scene:
+    app: Any
+    cluster: RabbitCluster
+    ledger: redis.Redis
+    workdir: Path
+    ledger_url: str
+    result_backend: str
+
+    def reset(self) -> None:
+        """Every node running and joined, leaders spread, the ledger and queues empty."""
+        for node in self.cluster.nodes:
+            if not node.executor.running():
+                node.restart()
+        wait_for(
+            lambda: len(self.cluster.running_members()) == len(self.cluster.nodes),
+            120,
+            what="every node to run in the cluster",
+        )
+        self.ledger.flushdb()
+        via = self.cluster.any_running()
+        for queue in ("default", "conveyor.dead_letter"):
+            if queue in via.message_counts():
+                via.ctl("purge_queue", queue)
+
+    def order(self, first: ChaosRabbitNode) -> str:
+        """The broker list with `first` first: the client connects there."""
+        rest = [node.url for node in self.cluster.nodes if node is not first]
+        return ";".join([first.url, *rest])
+
+    def worker(self, name: str, first: ChaosRabbitNode) -> WorkerProcess:
+        return WorkerProcess(
+            broker_url=self.order(first),
+            result_backend=self.result_backend,
+            workdir=self.workdir / name,
+            name=name,
+            concurrency=CONCURRENCY,
+            env={
+                "CONVEYOR_TEST_LEDGER_URL": self.ledger_url,
+                # The test picks the worker's node; production processes shuffle the list.
+                "CONVEYOR_BROKER_SHUFFLE": "false",
+            },
+        ).start(timeout=120)
+
+    def publish_via(self, first: ChaosRabbitNode) -> None:
+        point_app(self.app, self.order(first))
+
+    def leader_of(self, queue: str) -> ChaosRabbitNode:
+        return self.cluster.node_of(self.cluster.quorum_leaders()[queue])
+
+    def starts(self) -> list[float]:
+        return sorted(float(t) for t in self.ledger.lrange("starts", 0, -1))
+
+
+@pytest.fixture
+def scene(
+    cluster_app: Any,
+    cluster: RabbitCluster,
+    ledger_url: str,
+    result_backend: str,
+    tmp_path: Path,
+) -> Scene:
+    ledger = redis.Redis.from_url(ledger_url, decode_responses=True)
+    scene = Scene(cluster_app, cluster, ledger, tmp_path, ledger_url, result_backend)
+    scene.reset()
+    return scene
+
+
+def longest_gap(starts: list[float], since: float) -> float:
+    """The longest time without a task starting, from `since` to the last start."""
+    later = [t for t in starts if t >= since]
+    if not later:
+        return float("inf")
+    points = [since, *later]
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
+def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> None:
+    from tests.worker_tasks import timed_work
+
+    # Given the queue exists and leaders are spread, a worker on a node that is not the
+    # queue's leader: the two roles can then be killed separately.
+    scene.cluster.rebalance()
+    leader = scene.leader_of("default")
+    consumer_node = next(node for node in scene.cluster.nodes if node is not leader)
+    victim = consumer_node if victim_role == "consumer" else leader
+    # The producer also starts on the victim, so publishing has to fail over too.
+    scene.publish_via(victim)
+    started = time.monotonic()
+    producer = Producer(
+        timed_work, TASKS, args=lambda i: (), burst=BACKLOG, spread=40.0, give_up_after=120
+    ).start()
+    wait_for(lambda: len(producer.ok) >= BACKLOG, 120, what="the backlog to be published")
+    worker = scene.worker(scenario, consumer_node)
+    try:
+        assert scene.cluster.consumer_nodes("default") == [consumer_node.node_name]
+        wait_for(lambda: scene.ledger.llen("starts") >= 300, 120, what="the drain to start")
+        published_before = len(producer.ok)
+
+        # When the victim is killed mid-drain.
+        killed_at = time.time()
+        victim.kill9()
+        wait_for(
+            lambda: len(producer.ok) > published_before + 50,
+            60,
+            what="publishing to continue after the kill",
+        )
+        producer.join(180)
+        outcome = check(
+            scenario,
+            producer,
+            scene.ledger,
+            scene.cluster.any_running(),
+            faults=1,
+            duplicate_bound=CONCURRENCY,
+            started=started,
+            timeout=180,
+        )
+        stall = longest_gap(scene.starts(), killed_at)
+        moved_to = scene.cluster.consumer_nodes("default")
+
+        # And the victim restarts and rejoins; leaders are spread again.
+        restarted_at = time.monotonic()
+        victim.restart()
+        wait_for(
+            lambda: victim.node_name in scene.cluster.running_members(),
+            120,
+            what="the killed node to rejoin",
+        )
+        rejoin = time.monotonic() - restarted_at
+        scene.cluster.rebalance()
+        leaders = scene.cluster.quorum_leaders()
+        outcome.notes = (
+            f"killed the {victim_role} node; stall {stall:.2f}s; rejoined in {rejoin:.1f}s; "
+            f"consumer moved to {moved_to}"
+        )
+        print(f"{scenario}: {outcome}")  # noqa: T201
+    finally:
+        worker.stop(timeout=30)
+
+    # Then nothing was lost, at most one extra run per pool process, and consumption
+    # resumed within the bound.
+    assert_invariants(outcome, producer)
+    assert moved_to and victim.node_name not in moved_to
+    assert stall < MAX_STALL, f"no task started for {stall:.2f}s after the kill"
+    assert victim.node_name in set(leaders.values()), f"no leader on the rejoined node: {leaders}"
+
+
+def test_killing_the_workers_node_loses_nothing_and_stalls_under_five_seconds(
+    scene: Scene,
+) -> None:
+    drain_through_a_node_kill(scene, "cluster-kill-consumer-node", "consumer")
+
+
+def test_killing_the_queue_leaders_node_loses_nothing_and_stalls_under_five_seconds(
+    scene: Scene,
+) -> None:
+    drain_through_a_node_kill(scene, "cluster-kill-leader-node", "leader")
+
+
+def test_without_quorum_publishers_fail_clearly_and_recovery_loses_nothing(
+    scene: Scene,
+) -> None:
+    from tests.worker_tasks import timed_work
+
+    # Given 200 confirmed tasks waiting in the queue.
+    survivor, *victims = scene.cluster.nodes
+    scene.publish_via(survivor)
+    producer = Producer(timed_work, 200, args=lambda i: (), spread=0).start().join(120)
+    assert len(producer.ok) == 200
+
+    # When two of the three nodes die, the queue has no quorum: a publish fails, in bounded
+    # time, instead of hanging or claiming success.
+    for node in victims:
+        node.kill9()
+    bound = publish_bound(scene.app)
+    began = time.monotonic()
+    with pytest.raises(Exception) as failure:
+        timed_work.apply_async(())
+    took = time.monotonic() - began
+    print(f"no quorum: publish failed after {took:.1f}s with {failure.value!r}")  # noqa: T201
+    assert took <= bound + 5, f"the failing publish took {took:.1f}s (bound {bound:.0f}s)"
+
+    # Then with the nodes back, every confirmed task runs and none is lost.
+    started = time.monotonic()
+    for node in victims:
+        node.restart()
+    wait_for(lambda: len(scene.cluster.running_members()) == 3, 180, what="the cluster to re-form")
+    rejoin = time.monotonic() - started
+    worker = scene.worker("cluster-no-quorum", survivor)
+    try:
+        outcome = check(
+            "cluster-no-quorum",
+            producer,
+            scene.ledger,
+            survivor,
+            faults=2,
+            duplicate_bound=0,
+            started=started,
+            timeout=180,
+            notes=f"publish failed after {took:.1f}s: {type(failure.value).__name__}; "
+            f"rejoined in {rejoin:.1f}s",
+        )
+    finally:
+        worker.stop(timeout=30)
+    assert_invariants(outcome, producer)

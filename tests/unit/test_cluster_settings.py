@@ -1,0 +1,65 @@
+"""The cluster settings: broker list order, quorum replication, the consumer's steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.infra import ROOT
+from workers.failover import STEP, STOCK_STEP, Consumer
+
+NODES = [f"amqp://guest:guest@10.0.0.{i}:5672//" for i in (1, 2, 3)]
+
+
+def load(env: dict[str, str], *names: str) -> dict[str, object]:
+    """Settings of a fresh celeryconfig import under `env`, plus the broker variable after it."""
+    code = (
+        "import json, os, celeryconfig as c; "
+        f"print(json.dumps({{n: getattr(c, n) for n in {list(names)!r}}} | "
+        "{'env': os.environ.get('CELERY_BROKER_URL')}, default=str))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "", **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    loaded: dict[str, object] = json.loads(done.stdout)
+    return loaded
+
+
+def test_each_process_takes_the_cluster_nodes_in_its_own_order() -> None:
+    orders = set()
+    for _ in range(12):
+        got = load({"CELERY_BROKER_URL": ";".join(NODES)}, "broker_url")
+        # Celery reads the variable before the setting, so both carry the same order.
+        assert got["env"] == got["broker_url"]
+        urls = str(got["broker_url"]).split(";")
+        assert sorted(urls) == sorted(NODES)
+        orders.add(urls[0])
+    # 12 draws all starting on the same node would happen once in 3**11.
+    assert len(orders) > 1
+
+
+def test_the_order_given_is_kept_when_shuffling_is_off() -> None:
+    got = load(
+        {"CELERY_BROKER_URL": ";".join(NODES), "CONVEYOR_BROKER_SHUFFLE": "false"}, "broker_url"
+    )
+    assert got["broker_url"] == got["env"] == ";".join(NODES)
+
+
+def test_quorum_replicas_are_left_to_rabbitmq_unless_set() -> None:
+    default = load({}, "_queue_arguments")
+    assert "x-quorum-initial-group-size" not in str(default["_queue_arguments"])
+    five = load({"CONVEYOR_QUORUM_GROUP_SIZE": "5"}, "_queue_arguments")
+    assert "'x-quorum-initial-group-size': 5" in str(five["_queue_arguments"])
+
+
+def test_the_worker_consumer_replaces_celerys_delayed_delivery_step() -> None:
+    steps = Consumer.Blueprint.default_steps
+    assert STEP in steps
+    assert STOCK_STEP not in steps
+    assert load({}, "worker_consumer")["worker_consumer"] == "workers.failover:Consumer"
