@@ -44,6 +44,11 @@ def _secret(name: str, default: str) -> str:
 # --- Broker and result backend -------------------------------------------------------------
 broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+#: Celery's Redis backend subscribes to every task's result channel inside apply_async, read or
+#: not: a Redis command per delay() and subscriptions that pile up in a long-lived producer.
+#: This subclass subscribes when the caller waits (AsyncResult.get); see workers/results.py.
+#: "" selects Celery's own class for result_backend's URL.
+conveyor_result_backend_class = "workers.results:RedisBackend"
 
 # --- TLS to the broker ------------------------------------------------------------------------
 #: With an amqps:// URL the broker's certificate is always verified, against this CA bundle
