@@ -186,6 +186,10 @@ task_time_limit = 1620  # 27 min: the pool process is killed
 # --- Worker process --------------------------------------------------------------------------
 #: Pool processes per worker; None means one per CPU.
 worker_concurrency: int | None = None
+#: Processes, not threads: only a process can be killed at task_time_limit and replaced at
+#: worker_max_memory_per_child. "threads" costs less CPU per task but keeps neither (see
+#: docs/performance.md); the worker's --pool flag overrides this.
+worker_pool = "prefork"
 #: Replace a pool process after a task leaves it above this (KiB): leaks cannot grow forever.
 worker_max_memory_per_child = 512_000
 #: On SIGTERM/SIGQUIT, running tasks get this long to finish before they are requeued.
