@@ -45,6 +45,11 @@ def _secret(name: str, default: str) -> str:
 # --- Broker and result backend -------------------------------------------------------------
 broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+#: Celery's Redis backend subscribes to every task's result channel inside apply_async, read or
+#: not: a Redis command per delay() and subscriptions that pile up in a long-lived producer.
+#: This subclass subscribes when the caller waits (AsyncResult.get); see workers/results.py.
+#: "" selects Celery's own class for result_backend's URL.
+conveyor_result_backend_class = "workers.results:RedisBackend"
 
 # --- RabbitMQ cluster: failover and replication (docs/scaling.md) ------------------------------
 #: CELERY_BROKER_URL may list every node of a cluster, separated by ";". kombu always connects
@@ -211,6 +216,10 @@ task_time_limit = 1620  # 27 min: the pool process is killed
 # --- Worker process --------------------------------------------------------------------------
 #: Pool processes per worker; None means one per CPU.
 worker_concurrency: int | None = None
+#: Processes, not threads: only a process can be killed at task_time_limit and replaced at
+#: worker_max_memory_per_child. "threads" costs less CPU per task but keeps neither (see
+#: docs/performance.md); the worker's --pool flag overrides this.
+worker_pool = "prefork"
 #: Replace a pool process after a task leaves it above this (KiB): leaks cannot grow forever.
 worker_max_memory_per_child = 512_000
 #: On SIGTERM/SIGQUIT, running tasks get this long to finish before they are requeued.

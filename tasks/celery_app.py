@@ -11,6 +11,8 @@ app = Celery(
     task_cls="tasks.base:Task",
 )
 app.config_from_object("celeryconfig")
+if app.conf.conveyor_result_backend_class:
+    app.backend_cls = app.conf.conveyor_result_backend_class
 if app.conf.conveyor_signing:
     # Registers the auth serializer and refuses every other content type.
     app.setup_security()

@@ -81,3 +81,20 @@ def test_an_empty_broker_url_is_an_error_not_a_fallback() -> None:
     )
     assert done.returncode != 0
     assert "CELERY_BROKER_URL is set but empty" in done.stderr
+
+
+def test_results_use_the_backend_that_subscribes_only_when_waited_on() -> None:
+    from urllib.parse import urlsplit
+
+    from workers.results import RedisBackend
+
+    backend = app.backend
+    assert type(backend) is RedisBackend
+    # Selected as a class, it still connects where result_backend says.
+    url = urlsplit(app.conf.result_backend)
+    assert (backend.connparams["host"], backend.connparams["port"]) == (url.hostname, url.port)
+
+
+def test_tasks_run_in_processes_so_the_hard_time_limit_can_kill_them() -> None:
+    assert app.conf.worker_pool == "prefork"
+    assert app.conf.worker_max_memory_per_child
