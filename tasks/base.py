@@ -12,7 +12,7 @@ import celery
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
-from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once
+from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
 from tasks.schedule import overlap
 from workers.events import sent_event_dispatcher
 
@@ -129,6 +129,25 @@ class Task(celery.Task):  # type: ignore[type-arg]
         """Run a side effect at most once per key (see tasks.idempotency)."""
         conf = self.app.conf
         return run_once(
+            client_for(conf.conveyor_idempotency_url),
+            key,
+            effect,
+            ttl=int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
+            lease=float(conf.conveyor_idempotency_lease if lease is None else lease),
+        )
+
+    def run_once_in_redis(
+        self,
+        key: str,
+        effect: Callable[[Any], None],
+        *,
+        ttl: int | None = None,
+        lease: float | None = None,
+    ) -> Outcome[list[Any] | None]:
+        """Redis writes at most once per key, committed with their done-marker (see
+        tasks.idempotency.run_once_in_redis); they go to conveyor_idempotency_url's database."""
+        conf = self.app.conf
+        return run_once_in_redis(
             client_for(conf.conveyor_idempotency_url),
             key,
             effect,

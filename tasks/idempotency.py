@@ -13,9 +13,12 @@ connection, or when a producer re-publishes after a timeout. A task whose effect
 - an effect that raises releases the lease, so a retry can run it.
 
 The one window left is a process killed after the effect but before the done-marker is
-written (a few microseconds for a Redis write): the effect then runs again once the lease
-expires. Effects that write to the same Redis can close it with ``atomic=True``-style pipelines
-of their own; everything else should also pass the key to the remote side (as webhooks do
+written (a Redis round trip): the effect then runs again once the lease expires. The chaos runs
+do hit it now and then (a whole worker SIGKILLed while both its processes are inside that
+window). :func:`run_once_in_redis` closes it for effects that are Redis writes: the effect's
+commands and the done-marker commit in one MULTI/EXEC, so a kill leaves either both or neither.
+For effects elsewhere, the same rule holds: write the key in the effect's own transaction (a
+unique row in the same database transaction), or pass it to the remote side (as webhooks do
 with ``Idempotency-Key``).
 
 :func:`enqueue_once` is the producer side: a second publish with the same key is a no-op that
@@ -74,11 +77,7 @@ def run_once(
     name = EFFECT_PREFIX + key
     token = f"lease:{uuid.uuid4()}"
     if not client.set(name, token, nx=True, px=int(lease * 1000)):
-        raw = client.get(name)
-        state = raw.decode() if isinstance(raw, bytes) else raw
-        if state is not None and state.startswith("done:"):
-            return Outcome(ran=False, value=json.loads(state[5:]))
-        raise EffectInProgress(f"effect {key!r} is held by another delivery ({state})")
+        return _done_or_in_progress(client, name, key)
     try:
         value = effect()
     except BaseException:
@@ -86,6 +85,51 @@ def run_once(
         raise
     client.set(name, "done:" + json.dumps(value), ex=ttl)
     return Outcome(ran=True, value=value)
+
+
+def run_once_in_redis(
+    client: redis.Redis,
+    key: str,
+    effect: Callable[[Any], None],
+    *,
+    ttl: int,
+    lease: float,
+) -> Outcome[list[Any] | None]:
+    """Run Redis writes at most once per key, committed together with the done-marker.
+
+    `effect` queues its commands on the transaction pipeline it is given (it must not read:
+    nothing has run yet). They and the marker go in one MULTI/EXEC on `client`'s database,
+    guarded by WATCH on the lease: if the lease expired or another delivery took it, nothing is
+    applied and EffectInProgress is raised, so the task retries and finds the effect done.
+    The value is the effect's command results on the run that applied it, None on repeats.
+    """
+    name = EFFECT_PREFIX + key
+    token = f"lease:{uuid.uuid4()}"
+    if not client.set(name, token, nx=True, px=int(lease * 1000)):
+        return _done_or_in_progress(client, name, key)
+    with client.pipeline(transaction=True) as pipe:
+        try:
+            pipe.watch(name)  # type: ignore[no-untyped-call]
+            if pipe.get(name) != token:
+                raise EffectInProgress(f"effect {key!r}: the lease expired before the commit")
+            pipe.multi()
+            effect(pipe)
+            pipe.set(name, "done:null", ex=ttl)
+            results = pipe.execute()
+        except redis.WatchError as exc:
+            raise EffectInProgress(f"effect {key!r}: the lease changed before the commit") from exc
+        except BaseException:
+            client.eval(_RELEASE, 1, name, token)
+            raise
+    return Outcome(ran=True, value=list(results[:-1]))
+
+
+def _done_or_in_progress(client: redis.Redis, name: str, key: str) -> Outcome[Any]:
+    raw = client.get(name)
+    state = raw.decode() if isinstance(raw, bytes) else raw
+    if state is not None and state.startswith("done:"):
+        return Outcome(ran=False, value=json.loads(state[5:]))
+    raise EffectInProgress(f"effect {key!r} is held by another delivery ({state})")
 
 
 def task_id_for(task_name: str, key: str) -> str:

@@ -77,12 +77,15 @@ def typed(self: Any, count: int) -> int:
 
 @app.task(name="tests.idempotent_effect", bind=True)
 def idempotent_effect(self: Any, key: str, seconds: float) -> int:
-    """Count the execution, work, then apply an effect (a counter per key) at most once."""
-    ledger = _ledger()
-    ledger.hincrby("runs", self.request.id, 1)
+    """Count the execution, work, then apply an effect (a counter per key) at most once.
+
+    The counter lives in the idempotency database (the chaos workers point
+    CONVEYOR_IDEMPOTENCY_URL at the ledger), so it commits with its done-marker.
+    """
+    _ledger().hincrby("runs", self.request.id, 1)
     time.sleep(seconds)
-    outcome = self.run_once(key, lambda: int(ledger.hincrby("effects", key, 1)), lease=3)
-    return int(outcome.value)
+    outcome = self.run_once_in_redis(key, lambda pipe: pipe.hincrby("effects", key, 1), lease=3)
+    return int(outcome.value[0]) if outcome.value else 0
 
 
 @app.task(name="tests.transient", bind=True, max_retries=2)

@@ -90,7 +90,13 @@ def start_worker(
             workdir=tmp_path / name,
             name=name,
             concurrency=concurrency,
-            env={"CONVEYOR_TEST_LEDGER_URL": ledger_url, **(env or {})},
+            # Idempotency markers beside the ledger, so tests.idempotent_effect's counter and
+            # its marker commit in one transaction.
+            env={
+                "CONVEYOR_TEST_LEDGER_URL": ledger_url,
+                "CONVEYOR_IDEMPOTENCY_URL": ledger_url,
+                **(env or {}),
+            },
         ).start(timeout=90)
         started.append(worker)
         return worker

@@ -74,8 +74,8 @@ def effects_once(ledger: redis.Redis, producer: Producer) -> None:
 
 
 def idempotent_args(run: str, seconds: float = 0.05) -> Any:
-    # The idempotency records outlive the test (they are not in the flushed ledger): a key of
-    # this run only, or a later run of the same scenario finds its effects "already done".
+    # A key of this run only: a later run of the same scenario must not find its effects
+    # "already done" (the markers live beside the ledger, which a test may not flush).
     run = f"{run}-{uuid.uuid4().hex[:8]}"
     return lambda i: (f"{run}-{i}", seconds)
 

@@ -125,3 +125,45 @@ def test_chaos_ledger_counts_runs_of_re_published_ids_apart_from_redeliveries() 
     assert count_duplicates(ok, indeterminate, runs) == (2, 2)
     # A re-published id whose first publish never landed ran once: nothing to excuse.
     assert count_duplicates(["x"], {"x": 3}, {"x": 1}) == (0, 0)
+
+
+def test_redis_effects_commit_with_their_marker_once_per_key(store: redis.Redis) -> None:
+    from tasks.idempotency import run_once_in_redis
+
+    def effect(pipe: Any) -> None:
+        pipe.hincrby("counters", "k", 1)
+
+    first = run_once_in_redis(store, "tx-key", effect, ttl=60, lease=5)
+    again = run_once_in_redis(store, "tx-key", effect, ttl=60, lease=5)
+    assert (first.ran, first.value) == (True, [1])
+    assert (again.ran, again.value) == (False, None)
+    assert store.hget("counters", "k") == "1"
+
+
+def test_a_redis_effect_whose_lease_was_taken_over_applies_nothing(store: redis.Redis) -> None:
+    from tasks.idempotency import EFFECT_PREFIX, run_once_in_redis
+
+    def effect_after_losing_the_lease(pipe: Any) -> None:
+        # Another delivery takes the key while this one is about to commit (its lease ran out)
+        store.set(EFFECT_PREFIX + "tx-lost", "lease:someone-else")
+        pipe.hincrby("counters", "lost", 1)
+
+    with pytest.raises(EffectInProgress):
+        run_once_in_redis(store, "tx-lost", effect_after_losing_the_lease, ttl=60, lease=5)
+    assert store.hget("counters", "lost") is None
+    assert store.get(EFFECT_PREFIX + "tx-lost") == "lease:someone-else"
+
+
+def test_a_failing_redis_effect_releases_its_lease_and_applies_nothing(
+    store: redis.Redis,
+) -> None:
+    from tasks.idempotency import EFFECT_PREFIX, run_once_in_redis
+
+    def broken(pipe: Any) -> None:
+        pipe.hincrby("counters", "broken", 1)
+        raise RuntimeError("bug in the effect")
+
+    with pytest.raises(RuntimeError):
+        run_once_in_redis(store, "tx-broken", broken, ttl=60, lease=5)
+    assert store.hget("counters", "broken") is None
+    assert store.get(EFFECT_PREFIX + "tx-broken") is None
