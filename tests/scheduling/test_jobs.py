@@ -79,7 +79,15 @@ def test_the_cleanup_job_gives_result_keys_without_a_ttl_the_configured_expiry(
     client.set(key, json.dumps({"status": "SUCCESS", "result": 1}))
     assert client.ttl(key) == -1
 
-    done = jobs.cleanup_expired_data.delay().get(timeout=60)
+    # Each run scans a budget of keys and resumes where the last one stopped, so with the keys
+    # earlier tests left in this Redis the new one may only come up a few runs later.
+    fixed = 0
+    for _ in range(50):
+        done = jobs.cleanup_expired_data.delay().get(timeout=60)
+        assert done["results-without-expiry"] >= 0, done
+        fixed += done["results-without-expiry"]
+        if client.ttl(key) != -1:
+            break
 
-    assert done["results-without-expiry"] >= 1
+    assert fixed >= 1
     assert 0 < client.ttl(key) <= conveyor_app.conf.result_expires
