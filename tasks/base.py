@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import celery
+import redis
 from celery.exceptions import Reject
 from celery.utils.log import get_task_logger
 
@@ -127,14 +128,8 @@ class Task(celery.Task):  # type: ignore[type-arg]
         lease: float | None = None,
     ) -> Outcome[T]:
         """Run a side effect at most once per key (see tasks.idempotency)."""
-        conf = self.app.conf
-        return run_once(
-            client_for(conf.conveyor_idempotency_url),
-            key,
-            effect,
-            ttl=int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
-            lease=float(conf.conveyor_idempotency_lease if lease is None else lease),
-        )
+        client, ttl, lease = self._idempotency(ttl, lease)
+        return run_once(client, key, effect, ttl=ttl, lease=lease)
 
     def run_once_in_redis(
         self,
@@ -146,13 +141,16 @@ class Task(celery.Task):  # type: ignore[type-arg]
     ) -> Outcome[list[Any] | None]:
         """Redis writes at most once per key, committed with their done-marker (see
         tasks.idempotency.run_once_in_redis); they go to conveyor_idempotency_url's database."""
+        client, ttl, lease = self._idempotency(ttl, lease)
+        return run_once_in_redis(client, key, effect, ttl=ttl, lease=lease)
+
+    def _idempotency(self, ttl: int | None, lease: float | None) -> tuple[redis.Redis, int, float]:
+        """The idempotency store and the ttl and lease, defaulting to the configured ones."""
         conf = self.app.conf
-        return run_once_in_redis(
+        return (
             client_for(conf.conveyor_idempotency_url),
-            key,
-            effect,
-            ttl=int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
-            lease=float(conf.conveyor_idempotency_lease if lease is None else lease),
+            int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
+            float(conf.conveyor_idempotency_lease if lease is None else lease),
         )
 
     def apply_async(
