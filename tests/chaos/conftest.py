@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,19 @@ def chaos_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosRabb
 @pytest.fixture(scope="package")
 def chaos_app(conveyor_app: Any, chaos_rabbit: ChaosRabbitNode) -> Iterator[Any]:
     """The project's app publishing to the chaos node; pointed back when the chaos tests end."""
-    previous = conveyor_app.conf.broker_url
-    point_app(conveyor_app, chaos_rabbit.url)
-    yield conveyor_app
-    point_app(conveyor_app, previous)
+    with pointed_at(conveyor_app, chaos_rabbit.url):
+        yield conveyor_app
+
+
+@contextmanager
+def pointed_at(app: Any, url: str) -> Iterator[None]:
+    """The app publishes to `url` inside the block, and to its previous broker after it."""
+    previous = app.conf.broker_url
+    point_app(app, url)
+    try:
+        yield
+    finally:
+        point_app(app, previous)
 
 
 def point_app(app: Any, url: str) -> None:

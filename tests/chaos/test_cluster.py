@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.chaos.conftest import point_app
+from tests.chaos.conftest import point_app, pointed_at
 from tests.chaos.harness import Producer, assert_invariants, check, publish_bound
 from tests.cluster import RabbitCluster
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
@@ -48,14 +48,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]
 
 @pytest.fixture(scope="module")
 def cluster_app(conveyor_app: Any, cluster: RabbitCluster) -> Iterator[Any]:
-    previous = conveyor_app.conf.broker_url
-    point_app(conveyor_app, cluster.broker_url)
-    # The task queues exist before the first scenario looks for their leaders.
-    with conveyor_app.connection_for_write() as connection:
-        for queue in conveyor_app.conf.task_queues:
-            queue.bind(connection).declare()
-    yield conveyor_app
-    point_app(conveyor_app, previous)
+    with pointed_at(conveyor_app, cluster.broker_url):
+        # The task queues exist before the first scenario looks for their leaders.
+        with conveyor_app.connection_for_write() as connection:
+            for queue in conveyor_app.conf.task_queues:
+                queue.bind(connection).declare()
+        yield conveyor_app
 
 
 @dataclass
