@@ -7,12 +7,25 @@ import time
 from typing import Any
 
 import redis
+from celery import signals
 
 from tasks.celery_app import app
 
 
 def _ledger() -> redis.Redis:
     return redis.Redis.from_url(os.environ["CONVEYOR_TEST_LEDGER_URL"], decode_responses=True)
+
+
+@signals.task_retry.connect
+def _count_retry_publish(request: Any = None, **_: Any) -> None:
+    """Record that a task published its own retry: that run is a publish, not a redelivery.
+
+    Celery sends task_retry only after the retry message was published. An idempotent task
+    whose redelivered copy finds the first copy still holding the lease retries
+    (EffectInProgress), so one fault can give such an id a redelivered run and a retry run.
+    """
+    if request is not None and "CONVEYOR_TEST_LEDGER_URL" in os.environ:
+        _ledger().hincrby("retried", request.id, 1)
 
 
 @app.task(name="tests.add")

@@ -11,9 +11,11 @@
 Duplicates are counted per publish, not per id. An indeterminate publish may well have reached
 the queue before the connection died (AMQP gives no way to ask), so an id published k times
 may run k times with no fault in the delivery path at all: those runs are expected and are
-reported as `republish_duplicates`. What the promise bounds (`duplicates`, checked against
-`duplicate_bound`) is the runs beyond the publishes: redeliveries of tasks in flight at a
-crash or connection loss.
+reported as `republish_duplicates`. So are runs of a retry the task published itself (an
+idempotent task whose redelivered copy finds the first copy still holding the lease retries):
+tests/worker_tasks.py records each in the ledger's `retried` hash. What the promise bounds
+(`duplicates`, checked against `duplicate_bound`) is the runs beyond the publishes:
+redeliveries of tasks in flight at a crash or connection loss.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ class Outcome:
     #: Runs beyond the id's publishes: redeliveries, the quantity the promise bounds.
     duplicates: int
     duplicate_bound: int
-    #: Runs explained by the producer re-publishing an indeterminate id (at most one per
-    #: re-publish of that id).
+    #: Runs explained by the producer re-publishing an indeterminate id or by the task
+    #: publishing its own retry (at most one per such publish of that id).
     republish_duplicates: int
     dead_lettered: int
     faults: int
@@ -113,6 +115,8 @@ class Outcome:
     slowest_publish: float
     lost_ids: list[str]
     notes: str = ""
+    #: Retries the tasks published themselves (Celery's task_retry signal).
+    retried: int = 0
 
     def record(self) -> None:
         if REPORT_PATH:
@@ -133,17 +137,22 @@ def dead_lettered_ids(rabbit: ChaosRabbitNode, queue: str = "conveyor.dead_lette
 
 
 def count_duplicates(
-    ok: Iterable[str], indeterminate: dict[str, int], runs: dict[str, int]
+    ok: Iterable[str],
+    indeterminate: dict[str, int],
+    runs: dict[str, int],
+    retried: dict[str, int] | None = None,
 ) -> tuple[int, int]:
     """(redeliveries, runs of re-published ids) for the confirmed ids.
 
-    An id published 1 + k times may run 1 + k times without any redelivery; only runs beyond
-    its publishes are redeliveries.
+    An id published 1 + k times (k re-publishes by the producer or retries published by the
+    task) may run 1 + k times without any redelivery; only runs beyond its publishes are
+    redeliveries.
     """
+    retried = retried or {}
     redeliveries = republished = 0
     for task_id in ok:
         extra_runs = max(0, runs.get(task_id, 0) - 1)
-        extra_publishes = indeterminate.get(task_id, 0)
+        extra_publishes = indeterminate.get(task_id, 0) + retried.get(task_id, 0)
         republished += min(extra_runs, extra_publishes)
         redeliveries += extra_runs - min(extra_runs, extra_publishes)
     return redeliveries, republished
@@ -179,9 +188,12 @@ def check(
     # Late duplicates (a redelivery still running) show up within a moment of draining.
     time.sleep(1.5)
     runs = {k: int(v) for k, v in ledger.hgetall("runs").items()}
+    retried = {k: int(v) for k, v in ledger.hgetall("retried").items()}
     dead = dead_lettered_ids(rabbit) & set(producer.ok)
     lost_ids = [i for i in producer.ok if runs.get(i, 0) == 0 and i not in dead]
-    duplicates, republish_duplicates = count_duplicates(producer.ok, producer.indeterminate, runs)
+    duplicates, republish_duplicates = count_duplicates(
+        producer.ok, producer.indeterminate, runs, retried
+    )
     outcome = Outcome(
         scenario=scenario,
         tasks=producer.count,
@@ -198,6 +210,7 @@ def check(
         slowest_publish=round(producer.slowest_publish, 2),
         lost_ids=lost_ids[:10],
         notes=notes,
+        retried=sum(retried.get(i, 0) for i in producer.ok),
     )
     outcome.record()
     return outcome

@@ -125,6 +125,9 @@ def test_chaos_ledger_counts_runs_of_re_published_ids_apart_from_redeliveries() 
     assert count_duplicates(ok, indeterminate, runs) == (2, 2)
     # A re-published id whose first publish never landed ran once: nothing to excuse.
     assert count_duplicates(["x"], {"x": 3}, {"x": 1}) == (0, 0)
+    # A retry the task published itself is a publish too; a run beyond it is a redelivery.
+    assert count_duplicates(["r"], {}, {"r": 3}, {"r": 1}) == (1, 1)
+    assert count_duplicates(["r"], {}, {"r": 3}) == (2, 0)
 
 
 def test_redis_effects_commit_with_their_marker_once_per_key(store: redis.Redis) -> None:
