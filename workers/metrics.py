@@ -79,6 +79,10 @@ class TaskEvents:
         self._lock = threading.Lock()
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self._names: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        #: Start times of tasks whose task-sent event had not arrived when they started. The
+        #: task-sent event goes out after the task's confirm, on another connection, and a
+        #: bulk enqueue sends them in lists, so a worker may start a task first.
+        self._started_early: OrderedDict[str, float] = OrderedDict()
         self.sent = Counter(
             "conveyor_tasks_sent", "Tasks published, by task and queue.", ["task", "queue"],
             registry=registry,
@@ -145,7 +149,13 @@ class TaskEvents:
                 self.sent.labels(name, queue).inc()
                 sent = float(event.get("timestamp") or now)
                 eta = _timestamp(event.get("eta"))
-                self._waiting[uuid] = _Waiting(name, queue, max(sent, eta or sent), now)
+                due = max(sent, eta or sent)
+                started_at = self._started_early.pop(uuid, None)
+                if started_at is not None:
+                    # Already started: record its wait instead of tracking it as waiting.
+                    self.wait.labels(name, queue).observe(max(0.0, started_at - due))
+                    return
+                self._waiting[uuid] = _Waiting(name, queue, due, now)
                 self._waiting.move_to_end(uuid)
                 while len(self._waiting) > self.max_tracked:
                     self._waiting.popitem(last=False)
@@ -156,10 +166,14 @@ class TaskEvents:
                     self._remember(uuid, str(event.get("name") or "unknown"), str(delivery))
             elif kind == "task-started":
                 waiting = self._waiting.pop(uuid, None)
+                started = float(event.get("timestamp") or now)
                 if waiting is not None:
-                    started = float(event.get("timestamp") or now)
                     delay = max(0.0, started - waiting.since)
                     self.wait.labels(waiting.name, waiting.queue).observe(delay)
+                else:
+                    self._started_early[uuid] = started
+                    while len(self._started_early) > self.max_tracked:
+                        self._started_early.popitem(last=False)
             elif kind == "task-succeeded":
                 self.succeeded.labels(self._identity(uuid)[0]).inc()
             elif kind == "task-failed":

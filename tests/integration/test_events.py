@@ -65,3 +65,21 @@ def test_task_publishes_are_confirmed_and_task_sent_events_are_not(
     events = sent_event_dispatcher(conveyor_app).producer.channel
     assert events.basic_publish != events.basic_publish_confirm
     assert events._confirm_selected is False
+
+
+def test_a_bulk_enqueue_sends_every_task_sent_event_in_lists(
+    worker: WorkerProcess, monitor: list[dict[str, Any]]
+) -> None:
+    from tasks.bulk import enqueue_many
+
+    # When 250 tasks go out in one bulk enqueue (lists of conveyor_bulk_event_batch = 100)
+    ids = enqueue_many(worker_tasks.add, ((n, 1) for n in range(250)))
+
+    # Then the monitor sees one task-sent event per task, with its name and queue
+    def sent() -> dict[str, dict[str, Any]]:
+        return {e["uuid"]: e for e in list(monitor) if e["type"] == "task-sent"}
+
+    wait_for(lambda: set(ids) <= set(sent()), 30, what="a task-sent event for every task")
+    assert {(e["name"], e["queue"]) for i, e in sent().items() if i in ids} == {
+        ("tests.add", "default")
+    }

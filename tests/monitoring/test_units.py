@@ -129,6 +129,18 @@ def test_the_wait_is_measured_from_sent_to_started() -> None:
     assert registry.get_sample_value("conveyor_task_wait_seconds_sum", labels) == 2.5
 
 
+def test_a_task_sent_event_that_arrives_after_the_start_is_not_left_waiting() -> None:
+    events, registry = _events()
+    # task-sent goes out after the confirm, on another connection: the worker may win the race
+    events.handle({"type": "task-started", "uuid": "a", "timestamp": 100.2})
+    events.handle({"type": "task-sent", "uuid": "a", "name": "t", "queue": "default",
+                   "timestamp": 100.0})  # fmt: skip
+    assert events.waiting_by_queue(now=500.0) == {}
+    labels = {"task": "t", "queue": "default"}
+    assert registry.get_sample_value("conveyor_task_wait_seconds_count", labels) == 1
+    assert registry.get_sample_value("conveyor_task_wait_seconds_sum", labels) == pytest.approx(0.2)
+
+
 def test_a_countdown_task_waits_only_from_its_due_time() -> None:
     events, _ = _events()
     events.handle({"type": "task-sent", "uuid": "a", "name": "t", "queue": "default",
