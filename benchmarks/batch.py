@@ -248,7 +248,7 @@ def run(quick: bool, repeats: int | None = None) -> list[dict[str, Any]]:
     50,000: at a few hundred tasks/s, a million would take an hour), three runs each.
     """
     items = 100_000 if quick else 1_000_000
-    per_item = 5_000 if quick else 50_000
+    per_item = 2_000 if quick else 50_000
     repeats = repeats or (1 if quick else 3)
     sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
     rows: list[dict[str, Any]] = []
