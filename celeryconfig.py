@@ -288,10 +288,12 @@ conveyor_batch_max_unconfirmed = 100
 #: Unconfirmed messages in flight for tasks.bulk.enqueue_many: small task messages, so a deeper
 #: pipeline than for chunks (about raw AMQP's rate at 1,000; the broker still paces it).
 conveyor_bulk_max_unconfirmed = 1000
-#: task-sent events of a bulk enqueue or batch go out as one list per this many tasks (Celery's
-#: receivers read a list as that many events): one event publish per task cost a quarter of a
-#: bulk enqueue. Larger lists delay a monitor's view of the tasks by at most this many publishes.
-conveyor_bulk_event_batch = 100
+#: A producer's task-sent events go out as one list per this many tasks (Celery's receivers
+#: read a list as that many events), and at the latest this many seconds after the publish,
+#: from a background thread: one event publish per task cost a third of a single delay()'s CPU
+#: and a quarter of a bulk enqueue's. Monitors see a task-sent event up to the interval late.
+conveyor_sent_event_batch = 100
+conveyor_sent_event_interval = 0.1
 #: Tries of an item that raised a transient error (TransientItemError, ConnectionError,
 #: TimeoutError), with a backoff that starts here and doubles (seconds), before it fails.
 conveyor_batch_item_attempts = 3

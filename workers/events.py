@@ -15,13 +15,18 @@ consumer class below gives that connection ``confirm_publish=False``. The produc
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+logger = logging.getLogger(__name__)
 
 #: Transport options of a connection that only carries monitoring events.
 UNCONFIRMED = {"confirm_publish": False}
@@ -53,43 +58,62 @@ class SentEventDispatcher(EventDispatcher):
 
 
 _dispatchers: dict[tuple[int, int, str], SentEventDispatcher] = {}
-_lock = threading.Lock()
+# Reentrant: sent_events() builds its buffer, which takes the dispatcher, under it.
+_lock = threading.RLock()
+
+T = TypeVar("T")
+
+
+def _per_process(cache: dict[tuple[int, int, str], T], app: Celery, build: Callable[[], T]) -> T:
+    """One `build()` per app, process and broker URL: a new one after a fork, or when the app
+    is pointed at another broker (the events must go where the tasks go)."""
+    key = (id(app), os.getpid(), str(app.conf.broker_url))
+    value = cache.get(key)
+    if value is None:
+        with _lock:
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = build()
+    return value
 
 
 def sent_event_dispatcher(app: Celery) -> SentEventDispatcher:
-    """This process's dispatcher of task-sent events for `app` (a new one after a fork, or
-    when the app is pointed at another broker: the events must go where the tasks go)."""
-    key = (id(app), os.getpid(), str(app.conf.broker_url))
-    dispatcher = _dispatchers.get(key)
-    if dispatcher is None:
-        with _lock:
-            dispatcher = _dispatchers.get(key)
-            if dispatcher is None:
-                # No heartbeat: a producer process does not service one, and the broker would
-                # close an idle connection; a dead one is re-established by the publish retry.
-                connection = app.connection_for_write(heartbeat=0, transport_options=UNCONFIRMED)
-                dispatcher = SentEventDispatcher(connection, app=app, enabled=True)
-                _dispatchers[key] = dispatcher
-    return dispatcher
+    """This process's dispatcher of task-sent events for `app`."""
+
+    def build() -> SentEventDispatcher:
+        # No heartbeat: a producer process does not service one, and the broker would close
+        # an idle connection; a dead one is re-established by the publish retry.
+        connection = app.connection_for_write(heartbeat=0, transport_options=UNCONFIRMED)
+        return SentEventDispatcher(connection, app=app, enabled=True)
+
+    return _per_process(_dispatchers, app, build)
 
 
 class BatchedSentEvents:
-    """The task-sent events of a bulk publish, sent as lists of up to `size` per message.
+    """This process's task-sent events, sent as lists of up to `size` events per message.
 
     Passed to ``apply_async`` as ``event_dispatcher`` (Celery calls only its ``publish``).
     Celery's event receivers (Flower, the exporter, ``celery events``) read a list body as
-    that many events, as they read the worker's own buffered task events, so a bulk enqueue
-    of N tasks sends N/size event messages instead of N. The events use this process's
-    task-sent connection (`sent_event_dispatcher`) and keep their fields and clocks; they go
-    out when `size` are waiting and on `flush()`, which the publisher calls once its tasks
-    are confirmed.
+    that many events, as they read the worker's own buffered task events. An event is built
+    when its task is published (its timestamp and clock are the publish's) and goes out when
+    `size` are waiting, at the latest `interval` seconds later from a background thread, or on
+    `flush()` (a bulk enqueue calls it once its tasks are confirmed; exit calls it too).
+
+    One event publish cost a third of a single confirmed ``delay()``'s CPU and a quarter of a
+    bulk enqueue's (docs/performance.md). The price: a monitor sees a task-sent event up to
+    `interval` late, possibly after the task started (the exporter allows for that), and the
+    events still buffered when a process is killed are lost, as any transient event may be.
     """
 
-    def __init__(self, app: Celery, size: int = 100) -> None:
+    def __init__(self, app: Celery, size: int = 100, interval: float = 0.1) -> None:
         self.dispatcher = sent_event_dispatcher(app)
         self.size = max(1, int(size))
+        self.interval = float(interval)
         self._events: list[Any] = []
         self._send_options: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
 
     def publish(
         self,
@@ -103,20 +127,63 @@ class BatchedSentEvents:
     ) -> None:
         # The dispatcher's own event builder: hostname, pid, clock and offset as Celery sets.
         event = self.dispatcher._prepare_event(type, fields, blind=blind)  # type: ignore[attr-defined]
-        self._events.append(event)
-        self._send_options = {"retry": retry, "retry_policy": retry_policy}
-        if len(self._events) >= self.size:
+        with self._lock:
+            self._events.append(event)
+            self._send_options = {"retry": retry, "retry_policy": retry_policy}
+            full = len(self._events) >= self.size
+            if self._flusher is None:
+                self._start_flusher()
+        if full:
             self.flush()
 
     def flush(self) -> None:
-        if not self._events:
-            return
-        events, self._events = self._events, []
+        with self._lock:
+            if not self._events:
+                return
+            events, self._events = self._events, []
+            options = self._send_options
         dispatcher = self.dispatcher
         with dispatcher.mutex:  # type: ignore[attr-defined]
             dispatcher._publish(  # type: ignore[attr-defined]
                 events,
                 dispatcher.producer,  # type: ignore[attr-defined]
                 routing_key="task.multi",
-                **self._send_options,
+                **options,
             )
+
+    def _start_flusher(self) -> None:
+        self._flusher = threading.Thread(
+            target=self._flush_every_interval, name="conveyor-sent-events", daemon=True
+        )
+        self._flusher.start()
+        atexit.register(self._flush_at_exit)
+
+    def _flush_every_interval(self) -> None:
+        while not self._wake.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # a monitoring event must never take the producer down
+                logger.warning("task-sent events not published", exc_info=True)
+
+    def _flush_at_exit(self) -> None:
+        self._wake.set()
+        try:
+            self.flush()
+        except Exception:
+            logger.warning("task-sent events not published at exit", exc_info=True)
+
+
+_batched: dict[tuple[int, int, str], BatchedSentEvents] = {}
+
+
+def sent_events(app: Celery) -> BatchedSentEvents:
+    """This process's buffer of task-sent events for `app`."""
+    return _per_process(
+        _batched,
+        app,
+        lambda: BatchedSentEvents(
+            app,
+            size=int(app.conf.conveyor_sent_event_batch),
+            interval=float(app.conf.conveyor_sent_event_interval),
+        ),
+    )

@@ -15,7 +15,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from workers.events import BatchedSentEvents
+from workers.events import sent_events
 
 
 class PublishError(Exception):
@@ -56,12 +56,9 @@ class ConfirmedPublisher:
 
         channel.basic_publish = counted
         self.producer = app.amqp.Producer(channel)
-        # The task-sent events go out a list per `event_batch` tasks, after their confirms.
-        self.events = (
-            BatchedSentEvents(app, size=int(app.conf.conveyor_bulk_event_batch))
-            if app.conf.task_send_sent_event
-            else None
-        )
+        # The process's buffered task-sent events (lists of conveyor_sent_event_batch),
+        # flushed once every task is confirmed.
+        self.events = sent_events(app) if app.conf.task_send_sent_event else None
         # Declaring on publish (conveyor_declare_on_publish) is done once, with the first
         # message: kombu's per-publish check of an already declared queue costs about a tenth
         # of a bulk publish.

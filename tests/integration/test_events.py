@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,7 @@ def test_a_bulk_enqueue_sends_every_task_sent_event_in_lists(
 ) -> None:
     from tasks.bulk import enqueue_many
 
-    # When 250 tasks go out in one bulk enqueue (lists of conveyor_bulk_event_batch = 100)
+    # When 250 tasks go out in one bulk enqueue (lists of conveyor_sent_event_batch = 100)
     ids = enqueue_many(worker_tasks.add, ((n, 1) for n in range(250)))
 
     # Then the monitor sees one task-sent event per task, with its name and queue
@@ -83,3 +84,22 @@ def test_a_bulk_enqueue_sends_every_task_sent_event_in_lists(
     assert {(e["name"], e["queue"]) for i, e in sent().items() if i in ids} == {
         ("tests.add", "default")
     }
+
+
+def test_a_lone_task_sent_event_goes_out_within_the_flush_interval(
+    conveyor_app: Celery, monitor: list[dict[str, Any]]
+) -> None:
+    # Given no worker: only the producer's event can arrive
+    # When a single task is sent, far fewer than a list's worth of events
+    sent_at = time.monotonic()
+    task_id = worker_tasks.add.delay(5, 5).id
+
+    # Then its buffered task-sent event is published by the background flush, not held back
+    # until a list's worth is waiting
+    wait_for(
+        lambda: any(e["type"] == "task-sent" and e["uuid"] == task_id for e in list(monitor)),
+        5,
+        what="the task-sent event",
+    )
+    assert time.monotonic() - sent_at < 2.0
+    conveyor_app.control.purge()
