@@ -19,6 +19,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -94,10 +95,10 @@ class BatchedSentEvents:
 
     Passed to ``apply_async`` as ``event_dispatcher`` (Celery calls only its ``publish``).
     Celery's event receivers (Flower, the exporter, ``celery events``) read a list body as
-    that many events, as they read the worker's own buffered task events. An event is built
-    when its task is published (its timestamp and clock are the publish's) and goes out when
-    `size` are waiting, at the latest `interval` seconds later from a background thread, or on
-    `flush()` (a bulk enqueue calls it once its tasks are confirmed; exit calls it too).
+    that many events, as they read the worker's own buffered task events. An event keeps the
+    time of its publish as its timestamp and goes out when `size` are waiting, at the latest
+    `interval` seconds later from a background thread, or on `flush()` (a bulk enqueue calls it
+    once its tasks are confirmed; exit calls it too).
 
     One event publish cost a third of a single confirmed ``delay()``'s CPU and a quarter of a
     bulk enqueue's (docs/performance.md). The price: a monitor sees a task-sent event up to
@@ -125,10 +126,10 @@ class BatchedSentEvents:
         retry: bool = False,
         retry_policy: Any = None,
     ) -> None:
-        # The dispatcher's own event builder: hostname, pid, clock and offset as Celery sets.
-        event = self.dispatcher._prepare_event(type, fields, blind=blind)  # type: ignore[attr-defined]
+        # Only the publish time is taken here; the event is built when the list is sent, on
+        # the flusher thread while the caller waits for its next confirm.
         with self._lock:
-            self._events.append(event)
+            self._events.append((type, fields, blind, time.time()))
             self._send_options = {"retry": retry, "retry_policy": retry_policy}
             full = len(self._events) >= self.size
             if self._flusher is None:
@@ -140,9 +141,15 @@ class BatchedSentEvents:
         with self._lock:
             if not self._events:
                 return
-            events, self._events = self._events, []
+            pending, self._events = self._events, []
             options = self._send_options
         dispatcher = self.dispatcher
+        # The dispatcher's own event builder: hostname, pid, clock and offset as Celery sets,
+        # with the timestamp of the publish.
+        events = [
+            dispatcher._prepare_event(type, {**fields, "timestamp": at}, blind=blind)  # type: ignore[attr-defined]
+            for type, fields, blind, at in pending
+        ]
         with dispatcher.mutex:  # type: ignore[attr-defined]
             dispatcher._publish(  # type: ignore[attr-defined]
                 events,
