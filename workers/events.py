@@ -10,7 +10,7 @@ succeeded), and every ``delay()`` a second one (docs/performance.md).
 
 The worker's event dispatcher is the only user of ``Consumer.connection_for_write``, so the
 consumer class below gives that connection ``confirm_publish=False``. The producer side
-(task-sent events, sent by ``delay()``) is in ``sent_event_dispatcher``.
+(task-sent events, sent by ``delay()``) is ``sent_events``, over ``sent_event_dispatcher``.
 """
 
 from __future__ import annotations
@@ -44,21 +44,7 @@ class Consumer(CeleryConsumer):
         )
 
 
-class SentEventDispatcher(EventDispatcher):
-    """Publishes task-sent events on its own unconfirmed connection.
-
-    Celery publishes the task-sent event with the producer that sent the task, so on the same
-    confirmed channel: a second confirmed round trip for every ``delay()``. Passed to
-    ``apply_async`` as ``event_dispatcher``, this ignores that producer and uses its own.
-    The event is still sent after the task's confirm, with the same fields and retry policy.
-    """
-
-    def publish(self, type: str, fields: Any, producer: Any, *args: Any, **kwargs: Any) -> Any:
-        producer = self.producer  # type: ignore[attr-defined]  # set by enable(), not in the stubs
-        return super().publish(type, fields, producer, *args, **kwargs)
-
-
-_dispatchers: dict[tuple[int, int, str], SentEventDispatcher] = {}
+_dispatchers: dict[tuple[int, int, str], EventDispatcher] = {}
 # Reentrant: sent_events() builds its buffer, which takes the dispatcher, under it.
 _lock = threading.RLock()
 
@@ -78,14 +64,16 @@ def _per_process(cache: dict[tuple[int, int, str], T], app: Celery, build: Calla
     return value
 
 
-def sent_event_dispatcher(app: Celery) -> SentEventDispatcher:
-    """This process's dispatcher of task-sent events for `app`."""
+def sent_event_dispatcher(app: Celery) -> EventDispatcher:
+    """This process's dispatcher of task-sent events for `app`, on its own unconfirmed
+    connection (Celery would publish them with the task's producer, on the confirmed channel);
+    `BatchedSentEvents` sends through it."""
 
-    def build() -> SentEventDispatcher:
+    def build() -> EventDispatcher:
         # No heartbeat: a producer process does not service one, and the broker would close
         # an idle connection; a dead one is re-established by the publish retry.
         connection = app.connection_for_write(heartbeat=0, transport_options=UNCONFIRMED)
-        return SentEventDispatcher(connection, app=app, enabled=True)
+        return EventDispatcher(connection, app=app, enabled=True)
 
     return _per_process(_dispatchers, app, build)
 
@@ -138,19 +126,21 @@ class BatchedSentEvents:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._events:
-                return
-            pending, self._events = self._events, []
-            options = self._send_options
         dispatcher = self.dispatcher
-        # The dispatcher's own event builder: hostname, pid, clock and offset as Celery sets,
-        # with the timestamp of the publish.
-        events = [
-            dispatcher._prepare_event(type, {**fields, "timestamp": at}, blind=blind)  # type: ignore[attr-defined]
-            for type, fields, blind, at in pending
-        ]
+        # Under the dispatcher's mutex from taking the events to publishing them: the flusher
+        # thread and a caller flushing a full list send their lists in the order taken.
         with dispatcher.mutex:  # type: ignore[attr-defined]
+            with self._lock:
+                if not self._events:
+                    return
+                pending, self._events = self._events, []
+                options = self._send_options
+            # The dispatcher's own event builder: hostname, pid, clock and offset as Celery
+            # sets, with the timestamp of the publish.
+            events = [
+                dispatcher._prepare_event(type, {**fields, "timestamp": at}, blind=blind)  # type: ignore[attr-defined]
+                for type, fields, blind, at in pending
+            ]
             dispatcher._publish(  # type: ignore[attr-defined]
                 events,
                 dispatcher.producer,  # type: ignore[attr-defined]
