@@ -59,10 +59,6 @@ class ConfirmedPublisher:
         # The process's buffered task-sent events (lists of conveyor_sent_event_batch),
         # flushed once every task is confirmed.
         self.events = sent_events(app) if app.conf.task_send_sent_event else None
-        # Declaring on publish (conveyor_declare_on_publish) is done once, with the first
-        # message: kombu's per-publish check of an already declared queue costs about a tenth
-        # of a bulk publish.
-        self._declared = False
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         if multiple:
@@ -89,7 +85,10 @@ class ConfirmedPublisher:
         `argsrepr` is what Flower and the logs show for the arguments: Celery would otherwise
         walk the whole chunk to build it, which costs more than serialising it.
         """
-        if self._declared:
+        if self.published:
+            # Declaring on publish (conveyor_declare_on_publish) is done with the first message
+            # only: kombu's per-publish check of an already declared queue costs about a tenth
+            # of a bulk publish.
             options.setdefault("declare", [])
         if self.events is not None:
             options.setdefault("event_dispatcher", self.events)
@@ -103,7 +102,6 @@ class ConfirmedPublisher:
             kwargsrepr="{}",
             **options,
         )
-        self._declared = True
         self.wait(self.max_unconfirmed)
 
     def wait(self, at_most: int = 0) -> None:
