@@ -47,7 +47,32 @@ def machine() -> dict[str, Any]:
         "redis_server": redis_version(),
         "packages": versions,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": commit(),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit, with "+changes" when the tree differs from it: a figure is only
+    comparable with runs of the same code."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head}+changes" if dirty else head
 
 
 def rabbitmq_version() -> str:
