@@ -73,7 +73,10 @@ def sent_event_dispatcher(app: Celery) -> EventDispatcher:
         # No heartbeat: a producer process does not service one, and the broker would close
         # an idle connection; a dead one is re-established by the publish retry.
         connection = app.connection_for_write(heartbeat=0, transport_options=UNCONFIRMED)
-        return EventDispatcher(connection, app=app, enabled=True)
+        # Not buffered while offline: Celery's offline buffer is unbounded and only a worker
+        # ever sends it again, so in a producer it would only grow (BatchedSentEvents.flush
+        # drops and logs what the publish retries could not deliver).
+        return EventDispatcher(connection, app=app, enabled=True, buffer_while_offline=False)
 
     return _per_process(_dispatchers, app, build)
 
@@ -141,12 +144,17 @@ class BatchedSentEvents:
                 dispatcher._prepare_event(type, {**fields, "timestamp": at}, blind=blind)  # type: ignore[attr-defined]
                 for type, fields, blind, at in pending
             ]
-            dispatcher._publish(  # type: ignore[attr-defined]
-                events,
-                dispatcher.producer,  # type: ignore[attr-defined]
-                routing_key="task.multi",
-                **options,
-            )
+            try:
+                dispatcher._publish(  # type: ignore[attr-defined]
+                    events,
+                    dispatcher.producer,  # type: ignore[attr-defined]
+                    routing_key="task.multi",
+                    **options,
+                )
+            except Exception as exc:
+                # The tasks themselves were confirmed: a monitoring event, sent with the task
+                # publish's own retry policy, must never fail the caller or pile up in memory.
+                logger.warning("%d task-sent events dropped: %r", len(events), exc)
 
     def _start_flusher(self) -> None:
         self._flusher = threading.Thread(
@@ -159,15 +167,12 @@ class BatchedSentEvents:
         while not self._wake.wait(self.interval):
             try:
                 self.flush()
-            except Exception:  # a monitoring event must never take the producer down
-                logger.warning("task-sent events not published", exc_info=True)
+            except Exception:  # the thread must outlive any one bad list
+                logger.exception("task-sent events not published")
 
     def _flush_at_exit(self) -> None:
         self._wake.set()
-        try:
-            self.flush()
-        except Exception:
-            logger.warning("task-sent events not published at exit", exc_info=True)
+        self.flush()
 
 
 _batched: dict[tuple[int, int, str], BatchedSentEvents] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -41,3 +42,26 @@ def test_task_sent_events_have_one_unconfirmed_dispatcher_per_process_and_broker
     # Pointed at another broker (as tests and re-configured apps do), the events follow it.
     producer.conf.broker_url = "memory://b"
     assert events.sent_event_dispatcher(producer) is not dispatcher
+
+
+def test_task_sent_events_a_broker_refuses_are_dropped_and_logged_not_raised_or_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    producer = Celery("producer", broker="memory://refusing", set_as_current=False)
+    sent = events.BatchedSentEvents(producer, size=2, interval=60)
+    dispatcher = sent.dispatcher
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr(dispatcher.producer, "publish", refuse)
+
+    # When a full list is flushed by the caller whose task was just confirmed
+    sent.publish("task-sent", {"uuid": "a"}, None, retry=False)
+    sent.publish("task-sent", {"uuid": "b"}, None, retry=False)
+
+    # Then the caller sees no error, the events are not kept, and the loss is in the log
+    assert dispatcher._outbound_buffer == deque()
+    assert sent._events == []
+    assert "2 task-sent events dropped" in caplog.text
