@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from celery.utils.log import get_task_logger
@@ -54,7 +55,15 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
     def send_callback(name: str, task_id: str) -> None:
         self.app.send_task(name, args=[batch_id], task_id=task_id)
 
-    state = runner.run_finalize(store_for(self.app), batch_id, attempt, send_callback)
+    # A claim outlives a holder that died before sending by this long (the idempotency lease).
+    lease = float(self.app.conf.get("conveyor_idempotency_lease", 60.0))
+    try:
+        state = runner.run_finalize(
+            store_for(self.app), batch_id, attempt, send_callback, lease=lease
+        )
+    except runner.CallbackInProgress as exc:
+        # The holder has sent it by then, or died and this run takes the claim over.
+        raise self.retry(exc=exc, countdown=math.ceil(exc.retry_in) + 1) from exc
     logger.info("batch %s attempt %s finalized: %s", batch_id, attempt, state)
     return state
 
