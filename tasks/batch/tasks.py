@@ -70,7 +70,16 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
 
 @app.task(name="batch.publish_file", bind=True)
 def publish_file(self: Any, batch_id: str, path: str, fmt: str) -> int:
-    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True))."""
-    count = api.publish_file(batch_id, path, fmt, app=self.app)
+    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True)).
+
+    An error this task retries (tasks.base.Task's autoretry_for) leaves the batch as it is; one
+    it does not, or the last retry's, ends the batch in state publish_failed.
+    """
+
+    def final(exc: BaseException) -> bool:
+        retried = isinstance(exc, self.autoretry_for)
+        return not retried or self.request.retries >= self.max_retries
+
+    count = api.publish_file(batch_id, path, fmt, app=self.app, final=final)
     logger.info("batch %s: published %s items from %s", batch_id, count, path)
     return count

@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.batch import handlers, runner
+from tasks.batch import api, handlers, runner
 from tasks.batch.store import BatchStore
 
 
@@ -208,3 +208,54 @@ def test_a_callback_whose_send_raised_is_sent_by_the_next_run(store: BatchStore)
     sent: list[str] = []
     assert runner.run_finalize(store, "b5", 1, lambda n, t: sent.append(t)) == "completed"
     assert sent == ["b5.callback.1"]
+
+
+#: Keys each item index was processed with, by the handler below (one process: the test's).
+KEYS_SEEN: dict[str, list[str]] = {}
+
+
+@handlers.register("tests.records_keys")
+class RecordsKeys(handlers.Handler):
+    """Rejects items marked "bad" until `fixed` is set; records every key it is given."""
+
+    fixed = False
+
+    def process(self, item: Any, key: str) -> Any:
+        KEYS_SEEN.setdefault(item["name"], []).append(key)
+        if item.get("bad") and not RecordsKeys.fixed:
+            raise handlers.ItemError("rejected")
+        return None
+
+
+def test_the_idempotency_key_is_the_same_on_redelivery_and_on_the_retry_attempt(
+    store: BatchStore,
+) -> None:
+    # Given a batch of two chunks whose items 1 and 3 fail
+    KEYS_SEEN.clear()
+    RecordsKeys.fixed = False
+    store.create("b6", handler="tests.records_keys", options={}, chunk_size=2, source="t",
+                 callback=None)  # fmt: skip
+    store.mark_published("b6", 1, 4, 2)
+    items = [{"name": f"i{n}", "bad": n % 2 == 1} for n in range(4)]
+    runner.run_chunk(store, "b6", 1, 0, 0, items[:2])
+    runner.run_chunk(store, "b6", 1, 0, 0, items[:2])  # redelivered
+    runner.run_chunk(store, "b6", 1, 1, 2, items[2:])
+    assert runner.run_finalize(store, "b6", 1, lambda *a: None) == "completed_with_failures"
+
+    # When the failed items are retried as attempt 2, by the chunks api.retry publishes
+    RecordsKeys.fixed = True
+    attempt, retrying = store.begin_retry("b6")
+    chunks = list(api.retry_chunks(store, retrying, 2))
+    assert attempt == 2 and len(chunks) == 1
+    store.mark_published("b6", 2, 4, 1)
+    start, chunk_items, extras = chunks[0]
+    runner.run_chunk(store, "b6", 2, 0, start, chunk_items, extras)
+    assert runner.run_finalize(store, "b6", 2, lambda *a: None) == "completed"
+
+    # Then every run of an item, first, redelivered or retried, had the same key
+    assert KEYS_SEEN == {
+        "i0": ["b6:0", "b6:0"],
+        "i1": ["b6:1", "b6:1", "b6:1"],
+        "i2": ["b6:2"],
+        "i3": ["b6:3", "b6:3"],
+    }
