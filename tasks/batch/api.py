@@ -289,7 +289,8 @@ def _publish_attempt(
     if the workers are already done); returns how many items were published.
 
     If publishing raises and `final(exc)` (no one will publish this attempt again), the attempt
-    ends in state publish_failed with the reason, and PublishFailed is raised.
+    ends in state publish_failed with the reason, and PublishFailed is raised (an interrupt is
+    re-raised as it is).
     """
     progress = _Progress()
     try:
@@ -302,6 +303,8 @@ def _publish_attempt(
             + describe(exc)
         )
         store.fail_publish(batch_id, attempt, reason, progress.items if attempt == 1 else None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # still an interrupt to the caller
         raise PublishFailed(batch_id, reason) from exc
     count = progress.items
     if store.mark_published(batch_id, attempt, count if total is None else total, progress.chunks):
