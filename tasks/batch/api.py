@@ -18,16 +18,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from tasks.base import ArgumentsTooLarge
 from tasks.batch import codec, handlers
 from tasks.batch.publisher import ConfirmedPublisher
+from tasks.batch.runner import describe
 from tasks.batch.store import FINAL_STATES, BatchStore, Status, store_for
 
 __all__ = [
+    "ArgumentsTooLarge",
     "Entry",
+    "PublishFailed",
     "cancel",
     "failures",
     "publish_file",
@@ -39,6 +43,16 @@ __all__ = [
     "submit_file",
     "wait",
 ]
+
+
+class PublishFailed(RuntimeError):
+    """Publishing a batch's chunks raised part-way: the batch is in state publish_failed, with
+    the reason in its status's `error`. The original exception is the cause."""
+
+    def __init__(self, batch_id: str, reason: str) -> None:
+        super().__init__(f"batch {batch_id} failed to publish: {reason}")
+        self.batch_id = batch_id
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +155,42 @@ def entry_chunks(
         yield batch[0][0], [entry.item for _, entry in batch], extras
 
 
+def _chunk_args(
+    batch_id: str, attempt: int, chunk_no: int, start: int, items: list[Any], extras: Any
+) -> list[Any]:
+    """The arguments of one batch.process_chunk message."""
+    payload, plain = codec.encode(items)
+    if plain:
+        extras = {**extras, "plain": True}
+    return [batch_id, attempt, chunk_no, start, payload, extras]
+
+
+def _too_large(args: list[Any], items: int, limit: int) -> ArgumentsTooLarge | None:
+    """The error for a chunk message over `limit` bytes, measured as tasks.base measures it."""
+    size = len(json.dumps([args, {}], separators=(",", ":"), default=str))
+    if size <= limit:
+        return None
+    return ArgumentsTooLarge(
+        f"chunk {args[2]} ({items} items) encodes to {size} bytes, over the limit of {limit} "
+        "bytes a message (conveyor_max_argument_bytes): give a smaller chunk_size"
+    )
+
+
+@dataclass
+class _Progress:
+    items: int = 0
+    chunks: int = 0
+
+
 def _publish(
-    app: Any, store: BatchStore, batch_id: str, attempt: int, chunks: Iterable[Chunk]
-) -> tuple[int, int]:
-    """Publish the chunks with pipelined confirms; returns (items, chunks) published.
+    app: Any,
+    store: BatchStore,
+    batch_id: str,
+    attempt: int,
+    chunks: Iterable[Chunk],
+    progress: _Progress,
+) -> None:
+    """Publish the chunks with pipelined confirms, counting them in `progress`.
 
     Every 50 chunks it shows progress in the batch's total and stops if the batch was
     cancelled meanwhile.
@@ -152,47 +198,68 @@ def _publish(
     from tasks.batch.tasks import process_chunk
 
     conf = app.conf
-    count = published = 0
     with ConfirmedPublisher(
         app,
         max_unconfirmed=int(conf.conveyor_batch_max_unconfirmed),
         timeout=float(conf.conveyor_publish_timeout),
     ) as publisher:
         for start, items, extras in chunks:
-            payload, plain = codec.encode(items)
-            if plain:
-                extras = {**extras, "plain": True}
-            args = [batch_id, attempt, published, start, payload, extras]
+            published = progress.chunks
+            args = _chunk_args(batch_id, attempt, published, start, items, extras)
             shown = f"({batch_id!r}, {attempt}, {published}, {start}, <{len(items)} items>)"
-            publisher.send(process_chunk, args, f"{batch_id}.{attempt}.{published}", shown)
-            published += 1
-            count += len(items)
-            if published % 50 == 0:
+            try:
+                publisher.send(process_chunk, args, f"{batch_id}.{attempt}.{published}", shown)
+            except ArgumentsTooLarge as exc:
+                # Say which chunk and what to change, not the generic "pass an id" advice.
+                limit = int(conf.conveyor_max_argument_bytes)
+                raise (_too_large(args, len(items), limit) or exc) from None
+            progress.chunks += 1
+            progress.items += len(items)
+            if progress.chunks % 50 == 0:
                 if store.cancelled(batch_id):
                     break
                 if attempt == 1:
-                    store.note_published(batch_id, count)
-    return count, published
+                    store.note_published(batch_id, progress.items)
 
 
-def _create(
-    handler: str,
-    *,
-    chunk_size: int | None,
-    options: Mapping[str, Any] | None,
-    callback: str | None,
-    source: str,
-    app: Any,
-) -> tuple[Any, BatchStore, str, int]:
-    """Check the handler and options, record a new batch; returns (app, store, id, chunk size)."""
+def _prepare(
+    app: Any, handler: str, chunk_size: int | None, options: Mapping[str, Any] | None
+) -> tuple[Any, int, dict[str, Any]]:
+    """Check the handler, options and chunk size; returns (app, chunk size, options)."""
     app = _app(app)
     size = int(chunk_size or app.conf.conveyor_batch_chunk_size)
     if size < 1:
         raise ValueError("chunk_size must be at least 1")
     options = dict(options or {})
     handlers.get(handler)(options)  # unknown handler or bad options: fail here, not per item
-    store = store_for(app)
+    return app, size, options
+
+
+def _create(
+    app: Any,
+    handler: str,
+    *,
+    size: int,
+    options: dict[str, Any],
+    callback: str | None,
+    source: str,
+    chunks: Iterator[Chunk] | None = None,
+) -> tuple[BatchStore, str, Iterator[Chunk] | None]:
+    """Record a new batch; returns (store, id, the chunks to publish).
+
+    Given the chunks, it first reads and measures the first one: a chunk size whose messages
+    would be over conveyor_max_argument_bytes raises ArgumentsTooLarge, and no batch is created.
+    """
     batch_id = uuid.uuid4().hex
+    if chunks is not None:
+        first = next(chunks, None)
+        if first is not None:
+            limit = int(app.conf.conveyor_max_argument_bytes)
+            error = _too_large(_chunk_args(batch_id, 1, 0, *first), len(first[1]), limit)
+            if error is not None:
+                raise error
+            chunks = chain([first], chunks)
+    store = store_for(app)
     store.create(
         batch_id,
         handler=handler,
@@ -201,7 +268,11 @@ def _create(
         source=source,
         callback=callback,
     )
-    return app, store, batch_id, size
+    return store, batch_id, chunks
+
+
+def _never_retried(exc: BaseException) -> bool:
+    return True
 
 
 def _publish_attempt(
@@ -212,11 +283,31 @@ def _publish_attempt(
     chunks: Iterable[Chunk],
     *,
     total: int | None = None,
+    final: Callable[[BaseException], bool] = _never_retried,
 ) -> int:
     """Publish an attempt's chunks, then record that it is fully published (and finalize it
-    if the workers are already done); returns how many items were published."""
-    count, published = _publish(app, store, batch_id, attempt, chunks)
-    if store.mark_published(batch_id, attempt, count if total is None else total, published):
+    if the workers are already done); returns how many items were published.
+
+    If publishing raises and `final(exc)` (no one will publish this attempt again), the attempt
+    ends in state publish_failed with the reason, and PublishFailed is raised (an interrupt is
+    re-raised as it is).
+    """
+    progress = _Progress()
+    try:
+        _publish(app, store, batch_id, attempt, chunks, progress)
+    except (Exception, KeyboardInterrupt) as exc:
+        if not final(exc):
+            raise
+        reason = (
+            f"after {progress.chunks} chunk(s) ({progress.items} items) were published: "
+            + describe(exc)
+        )
+        store.fail_publish(batch_id, attempt, reason, progress.items if attempt == 1 else None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # still an interrupt to the caller
+        raise PublishFailed(batch_id, reason) from exc
+    count = progress.items
+    if store.mark_published(batch_id, attempt, count if total is None else total, progress.chunks):
         from tasks.batch.tasks import finalize
 
         finalize.delay(batch_id, attempt)
@@ -236,19 +327,27 @@ def submit(
 
     `items` may be any iterable; a generator is read one chunk at a time, never materialised.
     `callback` names a task sent once, with the batch id, when the batch completes. Returns
-    when every chunk is confirmed by the broker (about a second for 100,000 rows); workers
-    start on the first chunks meanwhile.
+    when every chunk is confirmed by the broker; workers start on the first chunks meanwhile.
+    Raises ArgumentsTooLarge (no batch created) when the first chunk's message would be over
+    conveyor_max_argument_bytes, and PublishFailed when publishing raises later on.
     """
-    app, store, batch_id, size = _create(
+    app, size, checked = _prepare(app, handler, chunk_size, options)
+    store, batch_id, chunks = _create(
+        app,
         handler,
-        chunk_size=chunk_size,
-        options=options,
+        size=size,
+        options=checked,
         callback=callback,
         source="iterable",
-        app=app,
+        chunks=plain_chunks(items, size),
     )
-    _publish_attempt(app, store, batch_id, 1, plain_chunks(items, size))
+    assert chunks is not None
+    _publish_attempt(app, store, batch_id, 1, chunks)
     return batch_id
+
+
+def _file_chunks(path: str | Path, fmt: str, size: int) -> Iterator[Chunk]:
+    return entry_chunks(enumerate(_readers()[fmt](Path(path))), size, contiguous=True)
 
 
 def submit_file(
@@ -263,38 +362,56 @@ def submit_file(
     app: Any = None,
 ) -> str:
     """Submit every row of a CSV file or every line of a JSONL file (streamed), keeping each
-    item's line number for its failure report.
+    item's line number for its failure report. Returns, and raises, as `submit` does.
 
     With ``publish_in_worker=True`` it returns the batch id at once and a `batch.publish_file`
     task reads and publishes the file; the workers must see it at the same path (shared
     storage). That task may run twice (a worker killed mid-publish): it republishes the same
-    chunks under the same numbers, and the ones already counted are recognised as such.
+    chunks under the same numbers, and the ones already counted are recognised as such. If
+    it fails for good, the batch ends in state publish_failed with the reason.
     """
     fmt = file_format(path, format_name)
-    app, _store, batch_id, _size = _create(
+    app, size, checked = _prepare(app, handler, chunk_size, options)
+    chunks = None if publish_in_worker else _file_chunks(path, fmt, size)
+    store, batch_id, chunks = _create(
+        app,
         handler,
-        chunk_size=chunk_size,
-        options=options,
+        size=size,
+        options=checked,
         callback=callback,
         source=str(path),
-        app=app,
+        chunks=chunks,
     )
-    if publish_in_worker:
-        from tasks.batch.tasks import publish_file as publish_file_task
+    if chunks is not None:
+        _publish_attempt(app, store, batch_id, 1, chunks)
+        return batch_id
+    from tasks.batch.tasks import publish_file as publish_file_task
 
+    try:
         publish_file_task.delay(batch_id, str(path), fmt)
-    else:
-        publish_file(batch_id, path, fmt, app=app)
+    except Exception as exc:
+        reason = f"sending the batch.publish_file task failed: {describe(exc)}"
+        store.fail_publish(batch_id, 1, reason, 0)
+        raise PublishFailed(batch_id, reason) from exc
     return batch_id
 
 
-def publish_file(batch_id: str, path: str | Path, fmt: str, *, app: Any = None) -> int:
-    """Publish a created batch's file input as attempt 1; returns how many items it had."""
+def publish_file(
+    batch_id: str,
+    path: str | Path,
+    fmt: str,
+    *,
+    app: Any = None,
+    final: Callable[[BaseException], bool] = _never_retried,
+) -> int:
+    """Publish a created batch's file input as attempt 1; returns how many items it had.
+
+    An error for which `final` is true ends the batch in state publish_failed (PublishFailed).
+    """
     app = _app(app)
     store = store_for(app)
     size = int(store.meta(batch_id)["chunk_size"])
-    entries = enumerate(_readers()[fmt](Path(path)))
-    return _publish_attempt(app, store, batch_id, 1, entry_chunks(entries, size, contiguous=True))
+    return _publish_attempt(app, store, batch_id, 1, _file_chunks(path, fmt, size), final=final)
 
 
 def status(batch_id: str, *, app: Any = None) -> Status:
@@ -318,16 +435,23 @@ def retry(batch_id: str, *, app: Any = None) -> int:
     meta = store.meta(batch_id)
     attempt, retrying = store.begin_retry(batch_id)
 
+    chunks = retry_chunks(store, retrying, int(meta["chunk_size"]))
+    count = _publish_attempt(app, store, batch_id, attempt, chunks, total=int(meta["total"]))
+    store.redis.delete(retrying)
+    return count
+
+
+def retry_chunks(store: BatchStore, retrying: str, size: int) -> Iterator[Chunk]:
+    """The chunks of a retry attempt: the failed items under `retrying`, each with its original
+    index (so its idempotency key is unchanged) and input line."""
+
     def entries() -> Iterator[tuple[int, Entry]]:
         for _index, raw in store.iter_hash(retrying):
             failure = json.loads(raw)
             error = failure["error"] if failure.get("input_error") else None
             yield int(failure["index"]), Entry(failure["item"], failure.get("line"), error)
 
-    chunks = entry_chunks(entries(), int(meta["chunk_size"]), contiguous=False)
-    count = _publish_attempt(app, store, batch_id, attempt, chunks, total=int(meta["total"]))
-    store.redis.delete(retrying)
-    return count
+    return entry_chunks(entries(), size, contiguous=False)
 
 
 def wait(

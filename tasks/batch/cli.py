@@ -31,6 +31,8 @@ def _describe(status: Status) -> str:
         f"started: {status.started_at or '-'}  finished: {status.finished_at or '-'}  "
         f"items/s: {status.items_per_second or '-'}",
     ]
+    if status.error:
+        lines.append(f"error: {status.error}")
     if status.result is not None:
         lines.append("result: " + json.dumps(status.result, indent=2, sort_keys=True))
     return "\n".join(lines)
@@ -117,7 +119,11 @@ def submit(
     wait_: bool,
     as_json: bool,
 ) -> None:
-    """Submit every row of FILE (CSV or JSONL) to HANDLER."""
+    """Submit every row of FILE (CSV or JSONL) to HANDLER.
+
+    Exits 2 when the arguments are wrong (nothing submitted), 1 when publishing failed part-way
+    (the batch is left in state publish_failed) or, with --wait, when the batch did not complete.
+    """
     app = ctx.obj.app
     try:
         batch_id = api.submit_file(
@@ -131,6 +137,11 @@ def submit(
         )
     except (LookupError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
+    except api.PublishFailed as exc:
+        # The batch exists, in state publish_failed: show it, then the reason on stderr.
+        failed = api.status(exc.batch_id, app=app)
+        _emit(as_json, failed.as_dict(), _describe(failed))
+        raise click.ClickException(str(exc)) from exc
     if not wait_:
         _emit(as_json, {"id": batch_id}, batch_id)
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,15 +30,23 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _retrying(handler: handlers.Handler, item: Any, key: str, attempts: int, backoff: float) -> Any:
-    """Call process again after a transient error, backing off: backoff, 2*backoff, ..."""
-    for attempt in range(1, attempts):
-        time.sleep(backoff * 2 ** (attempt - 1))
+def _retrying(
+    handler: handlers.Handler,
+    item: Any,
+    key: str,
+    attempts: int,
+    backoff: float,
+    error: BaseException,
+) -> Any:
+    """Try an item whose first try raised the transient `error` again, `attempts` tries in all,
+    backing off backoff, 2*backoff, ...; raises the last transient error if none succeeds."""
+    for retry in range(attempts - 1):
+        time.sleep(backoff * 2**retry)
         try:
             return handler.process(item, key)
-        except handler.transient:
-            continue
-    return handler.process(item, key)
+        except handler.transient as exc:
+            error = exc
+    raise error
 
 
 #: Why the items left when a chunk reaches its soft time limit fail (retry re-runs them).
@@ -78,11 +87,11 @@ def process_items(
             failed[offset] = SOFT_LIMIT_REASON
             failed.update((rest, SOFT_LIMIT_REASON) for rest, _index, _item in remaining)
             return values, failed
-        except handler.transient:
+        except handler.transient as exc:
             try:
-                append(_retrying(handler, item, key, item_attempts, backoff))
-            except Exception as exc:
-                failed[offset] = describe(exc)
+                append(_retrying(handler, item, key, item_attempts, backoff, exc))
+            except Exception as last:
+                failed[offset] = describe(last)
         except Exception as exc:
             failed[offset] = describe(exc)
 
@@ -162,18 +171,30 @@ def run_chunk(
     return ChunkOutcome(succeeded, len(failures), 0, counted, ready)
 
 
+class CallbackInProgress(Exception):
+    """Another finalize run has claimed the callback; try again once its lease has ended."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"another finalize run is sending the callback (lease: {retry_in:.1f}s)")
+        self.retry_in = retry_in
+
+
 def run_finalize(
     store: BatchStore,
     batch_id: str,
     attempt: int,
     send_callback: Callable[[str, str], None],
+    *,
+    lease: float = 60.0,
 ) -> str:
     """Reduce and store the result once, then send the user's callback once; returns the state.
 
-    A redelivered finalize finds the attempt finalized and only makes sure the callback was
-    sent. The callback is sent with the id ``<batch id>.callback.<attempt>``: should this
-    process die between sending it and recording that it did, the one extra delivery that
-    follows carries the same id.
+    Several finalize runs may overlap (the last chunk and its redelivery both see the batch
+    complete). The Lua script in store.finalize stores one run's result; the callback is claimed
+    before it is sent, so one run sends it. A run that finds another's claim raises
+    CallbackInProgress: should that holder have died before sending, the claim's `lease` ends
+    and a later run sends it. Should the holder die after sending but before marking it sent,
+    the later run sends it again, with the same task id ``<batch id>.callback.<attempt>``.
     """
     meta = store.meta(batch_id)
     if meta.get("finalized") != str(attempt):
@@ -189,7 +210,17 @@ def run_finalize(
     if meta.get("finalized") != str(attempt):
         return meta.get("state", "running")  # cancelled, or not complete (nothing to do)
     callback = meta.get("callback")
-    if callback and f"callback_sent:{attempt}" not in meta:
-        send_callback(callback, f"{batch_id}.callback.{attempt}")
-        store.claim_callback(batch_id, attempt)
-    return meta["state"]
+    if callback:
+        token = uuid.uuid4().hex
+        claim, wait = store.claim_callback(batch_id, attempt, token, lease)
+        if claim == "held":
+            raise CallbackInProgress(wait)
+        if claim == "claimed":
+            try:
+                send_callback(callback, f"{batch_id}.callback.{attempt}")
+            except BaseException:
+                store.settle_callback(batch_id, attempt, token, sent=False)
+                raise
+            store.settle_callback(batch_id, attempt, token, sent=True)
+    # A late finalize of an earlier attempt may find a retry running: no state yet.
+    return meta.get("state", "running")

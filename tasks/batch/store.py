@@ -14,7 +14,9 @@ after the batch's last change, refreshed by each write):
 Counting is exactly once because a chunk's outcome is recorded by one Lua script that first
 sets the chunk's "done" marker with HSETNX: a redelivered chunk finds the marker and changes
 nothing. The same holds for finalizing: the script sets ``finalized`` to the attempt number only
-if it is not set yet, so the reduce result and the callback belong to exactly one run.
+if it is not set yet, so the reduce result belongs to exactly one run. The user's callback is
+claimed before it is sent (``callback_sent:<attempt>``: a claim with a lease, then ``sent``), so
+of two finalize runs at the same time only one sends it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ import redis
 
 PREFIX = "conveyor:batch:"
 
+#: A batch whose producer raised before every chunk was published: the reason is in ``error``,
+#: and the chunks it did publish are skipped, as after a cancel. Submit it again.
+PUBLISH_FAILED = "publish_failed"
 #: Final states: only a retry (of completed_with_failures) leaves one.
-FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled"})
+FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled", PUBLISH_FAILED})
 
 # Shared by the scripts below: ready to finalize = the attempt is fully published, every item
 # of it has an outcome, it is not finalized yet and nobody cancelled the batch.
@@ -111,6 +116,55 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
+#: KEYS meta; ARGV attempt reason now ttl total ('' for a retry attempt: the total is known).
+#: Ends an attempt whose publishing raised: returns 1 if it set publish_failed, 0 if the batch
+#: had already finished (cancelled) or moved on to another attempt, -1 if it is unknown.
+_FAIL_PUBLISH = """
+local m = redis.call('HMGET', KEYS[1], 'attempt', 'state', 'handler')
+if not m[3] then return -1 end
+if m[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'error', ARGV[2])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'total', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+if m[2] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'publish_failed', 'cancelled', '1', 'finished_at', ARGV[3])
+return 1
+"""
+
+#: KEYS meta; ARGV field token lease_ms ttl. Claims the sending of an attempt's callback, the
+#: field holding ``claimed:<token>:<lease end, ms>`` and then ``sent``. Returns {1, 0} when
+#: claimed (also a claim whose lease ended: its holder died before sending), {0, ms left} while
+#: another run's lease lasts, {2, 0} once sent. Redis's clock, not the workers', times leases.
+_CLAIM_CALLBACK = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then
+  local lease_end = string.match(held, '^claimed:[^:]*:(%d+)$')
+  if not lease_end then return {2, 0} end
+  if tonumber(lease_end) > now_ms then return {0, tonumber(lease_end) - now_ms} end
+end
+local lease_end = string.format('%.0f', now_ms + tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], ARGV[1], 'claimed:' .. ARGV[2] .. ':' .. lease_end)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return {1, 0}
+"""
+
+#: KEYS meta; ARGV field token outcome ttl. If this run still holds the claim: outcome 'sent'
+#: marks the callback sent, '' releases the claim (the send raised). Returns 1 if it held it.
+_SETTLE_CALLBACK = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+local mine = 'claimed:' .. ARGV[2] .. ':'
+if not held or string.sub(held, 1, #mine) ~= mine then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1
+"""
+
 #: KEYS meta failures; ARGV ttl. Starts the next attempt with the failed items: returns
 #: {attempt, retrying key suffix} or {0, reason}.
 _BEGIN_RETRY = """
@@ -158,6 +212,7 @@ class Status:
     elapsed_seconds: float | None
     items_per_second: float | None
     result: Any
+    error: str | None = None  # why publishing failed (state publish_failed)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +250,9 @@ class BatchStore:
         self._begin_chunk = client.register_script(_BEGIN_CHUNK)
         self._cancel = client.register_script(_CANCEL)
         self._begin_retry = client.register_script(_BEGIN_RETRY)
+        self._fail_publish = client.register_script(_FAIL_PUBLISH)
+        self._claim_callback = client.register_script(_CLAIM_CALLBACK)
+        self._settle_callback = client.register_script(_SETTLE_CALLBACK)
 
     @staticmethod
     def key(batch_id: str, part: str = "") -> str:
@@ -240,6 +298,18 @@ class BatchStore:
     def note_published(self, batch_id: str, total: int) -> None:
         """Show how many items are published so far, while the producer is still going."""
         self.redis.hset(self.key(batch_id), "total", total)
+
+    def fail_publish(
+        self, batch_id: str, attempt: int, reason: str, total: int | None = None
+    ) -> bool:
+        """End an attempt whose publishing raised (state publish_failed, the reason in `error`);
+        False if the batch had already finished. `total`: the items published before it."""
+        args: list[str | int] = [attempt, reason, repr(time.time()), self.expires]
+        args.append("" if total is None else total)
+        done = int(self._fail_publish(keys=[self.key(batch_id)], args=args))
+        if done < 0:
+            raise BatchNotFound(batch_id)
+        return done == 1
 
     def cancelled(self, batch_id: str) -> bool:
         return bool(self.redis.hexists(self.key(batch_id), "cancelled"))
@@ -314,8 +384,21 @@ class BatchStore:
         args: list[Any] = [attempt, state, json.dumps(result), repr(time.time()), self.expires]
         return bool(self._finalize(keys=keys, args=args))
 
-    def claim_callback(self, batch_id: str, attempt: int) -> bool:
-        return bool(self.redis.hsetnx(self.key(batch_id), f"callback_sent:{attempt}", "1"))
+    def claim_callback(
+        self, batch_id: str, attempt: int, token: str, lease: float
+    ) -> tuple[str, float]:
+        """Claim the sending of an attempt's callback for `lease` seconds. Returns ("claimed",
+        0), ("sent", 0), or ("held", seconds until the other run's lease ends)."""
+        field = f"callback_sent:{attempt}"
+        args: list[str | int] = [field, token, int(lease * 1000), self.expires]
+        outcome, wait_ms = self._claim_callback(keys=[self.key(batch_id)], args=args)
+        return {0: "held", 1: "claimed", 2: "sent"}[int(outcome)], int(wait_ms) / 1000
+
+    def settle_callback(self, batch_id: str, attempt: int, token: str, *, sent: bool) -> bool:
+        """Mark the claimed callback sent, or release the claim; False if the claim was lost
+        (its lease ended and another run took it over)."""
+        args = [f"callback_sent:{attempt}", token, "sent" if sent else "", self.expires]
+        return bool(self._settle_callback(keys=[self.key(batch_id)], args=args))
 
     # --- readers -------------------------------------------------------------------------
     def meta(self, batch_id: str) -> dict[str, str]:
@@ -356,6 +439,7 @@ class BatchStore:
             elapsed_seconds=None if elapsed is None else round(elapsed, 3),
             items_per_second=round(done / elapsed, 1) if elapsed else None,
             result=result,
+            error=meta.get("error"),
             **number,
         )
 

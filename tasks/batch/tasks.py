@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from celery.utils.log import get_task_logger
@@ -54,14 +55,31 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
     def send_callback(name: str, task_id: str) -> None:
         self.app.send_task(name, args=[batch_id], task_id=task_id)
 
-    state = runner.run_finalize(store_for(self.app), batch_id, attempt, send_callback)
+    # A claim outlives a holder that died before sending by this long (the idempotency lease).
+    lease = float(self.app.conf.get("conveyor_idempotency_lease", 60.0))
+    try:
+        state = runner.run_finalize(
+            store_for(self.app), batch_id, attempt, send_callback, lease=lease
+        )
+    except runner.CallbackInProgress as exc:
+        # The holder has sent it by then, or died and this run takes the claim over.
+        raise self.retry(exc=exc, countdown=math.ceil(exc.retry_in) + 1) from exc
     logger.info("batch %s attempt %s finalized: %s", batch_id, attempt, state)
     return state
 
 
 @app.task(name="batch.publish_file", bind=True)
 def publish_file(self: Any, batch_id: str, path: str, fmt: str) -> int:
-    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True))."""
-    count = api.publish_file(batch_id, path, fmt, app=self.app)
+    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True)).
+
+    An error this task retries (tasks.base.Task's autoretry_for) leaves the batch as it is; one
+    it does not, or the last retry's, ends the batch in state publish_failed.
+    """
+
+    def final(exc: BaseException) -> bool:
+        retried = isinstance(exc, self.autoretry_for)
+        return not retried or self.request.retries >= self.max_retries
+
+    count = api.publish_file(batch_id, path, fmt, app=self.app, final=final)
     logger.info("batch %s: published %s items from %s", batch_id, count, path)
     return count

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.batch import api
 from tests.batch.conftest import expected_aggregate, make_rows, write_csv
-from tests.infra import ROOT, WorkerProcess
+from tests.infra import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +133,69 @@ def test_submit_wait_draws_a_progress_bar_on_a_terminal(
     assert process.returncode == 0
     assert b"2000/2000" in drawn and b"[" in drawn and b"#" in drawn, drawn[-400:]
     assert "state: completed" in stdout
+
+
+def test_submit_json_without_wait_answers_with_the_id_at_once(
+    batch_worker: WorkerProcess, tmp_path: Path, broker_url: str, result_backend: str
+) -> None:
+    rows = make_rows(500, seed=17)
+    path = write_csv(tmp_path / "records.csv", rows)
+
+    submitted = celery_batch(broker_url, result_backend, "submit", "aggregate", str(path), "--json")
+
+    assert submitted.returncode == 0, submitted.stderr
+    answer = json.loads(submitted.stdout)
+    assert list(answer) == ["id"]
+    final = api.wait(answer["id"], timeout=60)
+    assert final.state == "completed" and final.result == expected_aggregate(rows)
+
+
+def test_cancel_json_on_a_running_batch_cancels_it(
+    batch_worker: WorkerProcess, broker_url: str, result_backend: str
+) -> None:
+    # Given a slow batch under way
+    rows = make_rows(2_000, seed=19)
+    batch_id = api.submit("tests.slow_aggregate", rows, chunk_size=20, options={"delay": 0.01})
+    wait_for(lambda: api.status(batch_id).succeeded >= 40, 60, what="the batch to start")
+
+    # When it is cancelled from the command line
+    cancelled = celery_batch(broker_url, result_backend, "cancel", batch_id, "--json")
+
+    # Then the answer says so, and so does its status
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout) == {"id": batch_id, "cancelled": True}
+    status = json.loads(
+        celery_batch(broker_url, result_backend, "status", batch_id, "--json").stdout
+    )
+    assert status["state"] == "cancelled" and status["succeeded"] < 2_000
+    wait_for(
+        lambda: (s := api.status(batch_id)).succeeded + s.failed + s.skipped == s.total,
+        30,
+        what="the skipped chunks to drain",
+    )
+
+
+def test_a_submit_whose_publishing_fails_exits_1_and_status_shows_why(
+    batch_worker: WorkerProcess, tmp_path: Path, broker_url: str, result_backend: str
+) -> None:
+    # Given a JSONL file whose third chunk of 100 lines is too big for one message
+    path = tmp_path / "events.jsonl"
+    small = [json.dumps({"key": "k", "value": n}) for n in range(200)]
+    large = [json.dumps({"key": "k", "value": 1, "pad": "x" * 20_000})] * 100
+    path.write_text("\n".join(small + large) + "\n")
+
+    submitted = celery_batch(
+        broker_url, result_backend, "submit", "aggregate", str(path),
+        "--chunk-size", "100", "--json",
+    )  # fmt: skip
+
+    # Then it exits 1, names the batch and the reason, and the batch records both
+    assert submitted.returncode == 1, submitted.stderr
+    report = json.loads(submitted.stdout)
+    assert report["state"] == "publish_failed"
+    assert f"batch {report['id']} failed to publish" in submitted.stderr
+    assert "chunk 2 (100 items) encodes to" in submitted.stderr
+    status = celery_batch(broker_url, result_backend, "status", report["id"])
+    assert "state: publish_failed" in status.stdout
+    assert "error: after 2 chunk(s) (200 items) were published" in status.stdout
+    assert "conveyor_max_argument_bytes" in status.stdout

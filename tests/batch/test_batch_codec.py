@@ -83,3 +83,30 @@ def test_the_item_loop_goes_on_after_a_failure_and_retries_transient_errors() ->
     assert values == [0, 2, 4, 6]
     assert failed == {1: "ValueError: odd 1", 3: "ValueError: odd 3"}
     assert handler.tries == {f"b:{index}": 2 if index == 13 else 1 for index in range(10, 16)}
+
+
+class NeverComesBack(handlers.Handler):
+    transient = (ConnectionError,)
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.tries = 0
+
+    def process(self, item: Any, key: str) -> Any:
+        self.tries += 1
+        raise ConnectionError(f"still away (try {self.tries})")
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 3, 5])
+def test_an_item_whose_transient_error_persists_fails_after_exactly_the_configured_tries(
+    attempts: int,
+) -> None:
+    handler = NeverComesBack()
+
+    values, failed = runner.process_items(
+        handler, "b", [(0, 7, "item")], item_attempts=attempts, backoff=0
+    )
+
+    assert handler.tries == attempts
+    assert values == []
+    assert failed == {0: f"ConnectionError: still away (try {attempts})"}

@@ -60,6 +60,7 @@ def test_a_worker_killed_mid_batch_changes_nothing_in_the_final_numbers(
         options={"delay": 0.002, "count_runs": True},
         callback="tests.batch_done",
     )
+    assert api.status(batch_id).state == "pending"
 
     # When the worker is killed (SIGKILL, whole group) mid-batch and another takes over
     final = kill_mid_batch(batch_id)
