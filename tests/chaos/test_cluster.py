@@ -2,13 +2,15 @@
 
 A real `celery -A tasks worker` (concurrency 2) drains 2,000 short tasks from the quorum queue
 `default` while a producer keeps publishing with confirms. One node is killed with SIGKILL:
-first the node the worker consumes through, then, separately, the node leading the queue.
-The ledger (tests/chaos/harness.py) shows what was lost and what ran twice; each task's start
-time shows how long consumption stopped. A third scenario kills two of the three nodes: the
-queue has no quorum, a publish must fail at once, and the tasks confirmed before must all run
-once the nodes are back. Each scenario's row in the chaos report (CONVEYOR_CHAOS_REPORT,
-tests/chaos/harness.py) carries its stall and rejoin times in `notes`; docs/scaling.md takes its
-figures from those rows.
+first the node the worker consumes through, then, separately, the node leading the queue;
+countdown tasks published just before the kill must run after it. The ledger
+(tests/chaos/harness.py) shows what was lost and what ran twice; each task's start time shows
+how long consumption stopped. A third scenario kills two of the three nodes: the queue has no
+quorum, a publish must fail at once, and the tasks confirmed before must all run once the
+nodes are back. Each scenario's row in the chaos report (CONVEYOR_CHAOS_REPORT) carries its
+stall and rejoin times in `notes`; docs/scaling.md takes its figures from those rows. The
+module also runs the cluster command (python -m tests.cluster) and checks that processes given
+the same node list spread over the nodes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ TASKS = 2000
 BACKLOG = 1500
 #: The acceptance bound: a worker resumes consuming this soon after losing its node.
 MAX_STALL = 5.0
+#: Countdown tasks published just before the kill, due this many seconds later: after it.
+DELAYED_TASKS = 10
+COUNTDOWN = 8
 
 
 @pytest.fixture(scope="module")
@@ -238,14 +243,66 @@ def refused(error: BaseException) -> bool:
     return False
 
 
-def drained(scene: Scene, producer: Producer, timeout: float) -> bool:
-    """Wait until every confirmed id has run at least once; False if it has not in time."""
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Like wait_for, but returns False on timeout: the assertions after it say what failed."""
     deadline = time.monotonic() + timeout
-    while scene.ledger.hlen("runs") < len(producer.ok):
+    while not condition():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
     return True
+
+
+def drained(scene: Scene, producer: Producer, timeout: float) -> bool:
+    """Wait until every confirmed id has run at least once; False if it has not in time."""
+    return wait_until(lambda: all_ran(scene, producer.ok), timeout)
+
+
+def all_ran(scene: Scene, ids: list[str]) -> bool:
+    return not not_run(scene, ids)
+
+
+def not_run(scene: Scene, ids: list[str]) -> list[str]:
+    runs = scene.ledger.hgetall("runs")
+    return [task_id for task_id in ids if int(runs.get(task_id, 0)) == 0]
+
+
+#: Processes started with the same node list; the chance that all of them still take the same
+#: first node is 3 x (1/3)^12, about 1 in 177,000.
+PROCESSES = 12
+#: Connects the way a worker or producer does and prints the port of the node it reached.
+WHICH_NODE = (
+    "from tasks.celery_app import app\n"
+    "with app.connection_for_write() as connection:\n"
+    "    connection.ensure_connection(max_retries=3)\n"
+    "    print(connection.connection.sock.getpeername()[1])\n"
+)
+
+
+def test_processes_given_the_node_list_spread_over_the_nodes(cluster: RabbitCluster) -> None:
+    # Given every process gets the same list of the three nodes, shuffling on (the default)
+    env = {**os.environ, "CELERY_BROKER_URL": cluster.broker_url}
+    env.pop("CONVEYOR_BROKER_SHUFFLE", None)
+
+    # When each connects
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WHICH_NODE],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(PROCESSES)
+    ]
+    answers = [process.communicate(timeout=120) for process in processes]
+
+    # Then they did not all land on the first node of the list
+    assert [process.returncode for process in processes] == [0] * PROCESSES, answers
+    reached = [int(out) for out, _ in answers]
+    assert set(reached) <= {node.port for node in cluster.nodes}
+    assert len(set(reached)) > 1, f"every process connected to port {reached[0]}"
 
 
 def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> None:
@@ -270,6 +327,10 @@ def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> 
         wait_for(lambda: scene.ledger.llen("starts") >= 300, 120, what="the drain to start")
         published_before = len(producer.ok)
 
+        # And countdown tasks wait in the delayed-delivery queues (quorum queues too), due
+        # after the kill: they reach the task queue and run only once the cluster failed over.
+        delayed = [timed_work.apply_async((), countdown=COUNTDOWN).id for _ in range(DELAYED_TASKS)]
+
         # When the victim is killed mid-drain.
         killed_at = time.time()
         victim.kill9()
@@ -284,6 +345,8 @@ def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> 
         drained(scene, producer, 180)
         stall = longest_gap(scene.starts(), killed_at)
         moved_to = scene.cluster.consumer_nodes("default")
+        wait_until(lambda: all_ran(scene, delayed), 60)
+        delayed_missing = not_run(scene, delayed)
 
         # And the victim restarts and rejoins; leaders are spread again.
         restarted_at = time.monotonic()
@@ -307,7 +370,8 @@ def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> 
             started=started,
             timeout=180,
             notes=f"killed the {victim_role} node; stall {stall:.2f}s; rejoined in "
-            f"{rejoin:.1f}s; consumer moved to {moved_to}",
+            f"{rejoin:.1f}s; consumer moved to {moved_to}; countdown tasks run "
+            f"{DELAYED_TASKS - len(delayed_missing)} of {DELAYED_TASKS}",
         )
         print(f"{scenario}: {outcome}")  # noqa: T201
     finally:
@@ -318,6 +382,7 @@ def drain_through_a_node_kill(scene: Scene, scenario: str, victim_role: str) -> 
     assert_invariants(outcome, producer)
     assert moved_to and victim.node_name not in moved_to
     assert stall < MAX_STALL, f"no task started for {stall:.2f}s after the kill"
+    assert not delayed_missing, f"countdown tasks never ran: {delayed_missing}"
     assert victim.node_name in set(leaders.values()), f"no leader on the rejoined node: {leaders}"
 
 
