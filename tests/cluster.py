@@ -9,7 +9,9 @@ own node), joins them into one cluster, prints the broker URL list for CELERY_BR
 returns; a background process keeps the nodes and `stop` ends it, which stops every node and
 deletes DIR. Each node has its own name (c1-<port>@localhost...), AMQP and distribution ports
 (free loopback ports), data, log and pid paths under DIR; they share one Erlang cookie under a
-private HOME. Tests use `RabbitCluster` directly (tests/chaos/test_cluster.py).
+private HOME. If the nodes are not up within --timeout, `start` ends them and fails. The
+chaos tests use `RabbitCluster` as their fixture and run this command itself from start to
+stop (tests/chaos/test_cluster.py).
 """
 
 from __future__ import annotations
@@ -197,8 +199,11 @@ def _serve(args: argparse.Namespace) -> int:
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         stop.wait()
     finally:
-        (directory / STATE_FILE).unlink(missing_ok=True)
-        cluster.stop()
+        # The state file goes last: `stop` returns once it is gone, the nodes with it.
+        try:
+            cluster.stop()
+        finally:
+            (directory / STATE_FILE).unlink(missing_ok=True)
     return 0
 
 
@@ -216,11 +221,45 @@ def _start(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while not (directory / STATE_FILE).exists():
         if holder.poll() is not None or time.monotonic() > deadline:
+            # The nodes run in sessions of their own and outlive a killed holder: end them too.
             holder.kill()
-            sys.stderr.write(f"the cluster did not start; see {directory / 'cluster.log'}\n")
+            holder.wait()
+            _kill_node_processes(directory)
+            sys.stderr.write(
+                f"the cluster did not start in {args.timeout:.0f}s; "
+                f"see {directory / 'cluster.log'} and {directory}/c*/logs\n"
+            )
             return 1
         time.sleep(0.5)
     return _status(args)
+
+
+def _kill_node_processes(directory: Path) -> list[int]:
+    """SIGKILL every process started from `directory` (its nodes, by their command lines).
+
+    This command and its callers name the directory too, so they are left alone.
+    """
+    spared = {os.getpid()}
+    pid = os.getppid()
+    while pid > 1:
+        spared.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    needle = str(directory).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return killed
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -267,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--management", action="store_true", help="management plugin on each")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args(argv)
+    # Absolute, as the nodes' command lines hold it: a failed start finds them by it.
+    args.dir = args.dir.absolute()
     command = {"start": _start, "status": _status, "stop": _stop, "serve": _serve}
     return command[args.command](args)
 

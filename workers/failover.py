@@ -11,8 +11,9 @@ On a cluster those exchanges, queues and bindings are cluster-wide metadata: dec
 once, on any live node, is enough. `ClusterDelayedDelivery` does it over the consumer's own
 connection, which the Connection step has just opened to a live node, with no retry loop: a
 connection error while declaring propagates, so the consumer restarts and fails over to the
-next node as for any other lost connection. `Consumer` is Celery's consumer with this step in
-place of the stock one (``worker_consumer`` in celeryconfig.py).
+next node as for any other lost connection (also when the stock binding helper has grouped it
+with other errors). `Consumer` is Celery's consumer with this step in place of the stock one
+(``worker_consumer`` in celeryconfig.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class ClusterDelayedDelivery(DelayedDelivery):
             # The node went away mid-declaration: let the consumer restart on the next node.
             raise
         except Exception as exc:  # the stock step's policy: log, keep consuming
+            lost = _connection_error(exc, c.connection_errors)
+            if lost is not None:
+                # The stock binding collects most errors into an ExceptionGroup, which the
+                # consumer would not take for a lost connection: raise the connection's own.
+                raise lost from exc
             # A channel error (for example a precondition on a re-declared queue) must not stop
             # task consumption; only countdown/ETA publishes are affected.
             logger.critical(
@@ -69,6 +75,20 @@ class ClusterDelayedDelivery(DelayedDelivery):
             connection.as_uri(),
             time.monotonic() - started,
         )
+
+
+def _connection_error(
+    exc: BaseException, connection_errors: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """`exc` or the first error it groups that is a connection error, else None."""
+    if isinstance(exc, connection_errors):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _connection_error(inner, connection_errors)
+            if found is not None:
+                return found
+    return None
 
 
 class Consumer(events.Consumer):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -22,7 +23,17 @@ from tests.infra import RABBITMQ_BIN, ROOT, ChaosRabbitNode, compose_command
 from tests.unit.test_compose import REQUIRED, compose_config
 
 NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
-CLUSTER_SERVICES = {*NODES, "rabbitmq-cluster-ready", "worker-cluster"}
+#: Each broker client of the cluster profile and the single-node service it mirrors.
+COUNTERPARTS = {
+    "worker-cluster": "worker",
+    "worker_priority-cluster": "worker_priority",
+    "beat-cluster": "beat",
+    "flower-cluster": "flower",
+    "exporter-cluster": "exporter",
+}
+CLUSTER_SERVICES = {*NODES, "rabbitmq-cluster-ready", *COUNTERPARTS}
+BROKER = "CELERY_BROKER_URL"
+API_URLS = {"FLOWER_BROKER_API", "CONVEYOR_RABBITMQ_API"}
 NODE_SCRIPT = ROOT / "deploy" / "rabbitmq" / "cluster-node.sh"
 
 
@@ -84,29 +95,87 @@ def test_the_nodes_load_the_single_nodes_definitions_and_config(services: dict[s
     assert services["rabbitmq-1"]["depends_on"] == services["rabbitmq"]["depends_on"]
 
 
-def test_the_cluster_worker_runs_the_tested_command_against_every_node(
+def test_the_cluster_worker_runs_the_tested_command(services: dict[str, Any]) -> None:
+    assert services["worker-cluster"]["command"].split() == compose_command("worker")
+
+
+def test_every_broker_client_in_the_cluster_profile_lists_all_three_nodes(
     services: dict[str, Any],
 ) -> None:
-    worker = services["worker-cluster"]
-    assert worker["command"].split() == compose_command("worker")
-    assert worker["healthcheck"] == services["worker"]["healthcheck"]
-    assert worker["stop_grace_period"] == services["worker"]["stop_grace_period"]
-    url = worker["environment"]["CELERY_BROKER_URL"]
-    # kombu reads a `;`-separated list as one connection with failover alternates.
-    urls = url.split(";")
-    hosts = [Connection(u).hostname for u in urls]
-    assert hosts == [services[node]["hostname"] for node in NODES]
-    assert {Connection(u).userid for u in urls} == {"conveyor-worker"}
-    assert {Connection(u).virtual_host for u in urls} == {"conveyor"}
-    assert Connection(url).alt == urls
-    # Everything else is the single-node worker's environment.
-    others = {k: v for k, v in worker["environment"].items() if k != "CELERY_BROKER_URL"}
-    single = dict(services["worker"]["environment"])
-    single.pop("CELERY_BROKER_URL")
-    assert others == single
-    assert worker["depends_on"]["rabbitmq-cluster-ready"] == {
-        "condition": "service_completed_successfully"
+    in_profile = {name for name, s in services.items() if s.get("profiles") == ["cluster"]}
+    clients = {name for name in in_profile if "CELERY_BROKER_URL" in environment(services, name)}
+    # Every service of the single-node stack that talks to the broker has its counterpart.
+    single_clients = {
+        name
+        for name in set(services) - in_profile
+        if "CELERY_BROKER_URL" in environment(services, name)
     }
+    assert clients == set(COUNTERPARTS)
+    assert single_clients == set(COUNTERPARTS.values())
+    for name in in_profile:
+        service = services[name]
+        assert "rabbitmq" not in service.get("depends_on", {}), name
+        for key, value in environment(services, name).items():
+            assert "@rabbitmq:" not in str(value), f"{name} {key} names the single node"
+        if name in clients:
+            urls = environment(services, name)["CELERY_BROKER_URL"].split(";")
+            hosts = [Connection(url).hostname for url in urls]
+            assert hosts == [services[node]["hostname"] for node in NODES], name
+
+
+@pytest.mark.parametrize("name", sorted(COUNTERPARTS))
+def test_each_cluster_service_is_its_single_node_counterpart_on_every_node(
+    services: dict[str, Any], name: str
+) -> None:
+    cluster, single = services[name], services[COUNTERPARTS[name]]
+    for key in ("command", "healthcheck", "stop_grace_period"):
+        assert cluster.get(key) == single.get(key), key
+    # The same account and vhost on each node, and kombu reads the `;`-separated list as one
+    # connection with failover alternates.
+    url = environment(services, name)["CELERY_BROKER_URL"]
+    urls = url.split(";")
+    one = Connection(environment(services, COUNTERPARTS[name])["CELERY_BROKER_URL"])
+    for each in map(Connection, urls):
+        assert (each.userid, each.password, each.virtual_host, each.port) == (
+            one.userid,
+            one.password,
+            one.virtual_host,
+            one.port,
+        )
+    assert Connection(url).alt == urls
+    # A management API URL, where the service has one, is the same on the first node.
+    for key in API_URLS & set(environment(services, name)):
+        api = urlsplit(environment(services, name)[key])
+        assert api.hostname == services[NODES[0]]["hostname"], key
+        assert api._replace(netloc="") == urlsplit(
+            environment(services, COUNTERPARTS[name])[key]
+        )._replace(netloc=""), key
+    # Everything else is the single-node service's environment.
+    others = {k: v for k, v in environment(services, name).items() if k not in {*API_URLS, BROKER}}
+    same = {
+        k: v
+        for k, v in environment(services, COUNTERPARTS[name]).items()
+        if k not in {*API_URLS, BROKER}
+    }
+    assert others == same
+    assert cluster["depends_on"] == {
+        "rabbitmq-cluster-ready": {"condition": "service_completed_successfully"},
+        "redis": {"condition": "service_healthy"},
+    }
+
+    # Both can run side by side: no shared published port or data volume.
+    def published(service: dict[str, Any]) -> set[str]:  # "127.0.0.1:5555:5555/tcp"
+        return {port.rsplit(":", 1)[0] for port in service.get("ports", [])}
+
+    def volumes(service: dict[str, Any]) -> set[str]:  # "flower-data:/var/lib/conveyor:rw"
+        return {volume.split(":", 1)[0] for volume in service.get("volumes", [])}
+
+    assert not published(cluster) & published(single)
+    assert not volumes(cluster) & volumes(single)
+
+
+def environment(services: dict[str, Any], name: str) -> dict[str, str]:
+    return dict(services[name].get("environment", {}))
 
 
 def test_the_queues_get_a_replica_on_every_node_once_the_cluster_is_up(

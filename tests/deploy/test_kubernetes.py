@@ -231,11 +231,10 @@ def test_the_beat_probe_is_compose_healthcheck_and_http_probes_hit_served_ports(
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     healthcheck = compose["services"]["beat"]["healthcheck"]["test"]
     assert healthcheck[0] == "CMD-SHELL"
-    assert beat["livenessProbe"]["exec"]["command"] == [
-        "sh",
-        "-c",
-        healthcheck[1].replace("$$", "$"),
-    ]
+    # Live and ready by the same ping: a rollout waits for the new beat's loop to answer.
+    for kind in ("livenessProbe", "readinessProbe"):
+        assert beat[kind]["exec"]["command"] == ["sh", "-c", healthcheck[1].replace("$$", "$")]
+        assert beat[kind]["timeoutSeconds"] > 10, "longer than the ping's own --timeout"
     for name, container in containers():
         ports = {port["name"] for port in container.get("ports", [])}
         for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
