@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,12 +23,14 @@ import pytest
 import redis
 from celery import signals
 from kombu import Connection, Producer
+from prometheus_client import CollectorRegistry
 
 from tasks.base import ArgumentsTooLarge
 from tasks.deadletter import store
 from tests import worker_tasks
 from tests.chaos.conftest import CHAOS_MAX_MESSAGE_BYTES
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
+from workers.metrics import TaskEvents
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -441,3 +444,41 @@ def test_an_unroutable_publish_is_kept_in_the_unroutable_queue(
         0.5,
         "the unroutable message to be kept",
     )
+
+
+def test_rejections_reach_the_exporter_as_a_counter_by_reason(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    # The exporter's own event consumer, on the chaos node
+    registry = CollectorRegistry()
+    events = TaskEvents(registry)
+    stop = threading.Event()
+    consumer = threading.Thread(target=events.consume_forever, args=(chaos_app, stop), daemon=True)
+    consumer.start()
+
+    def count(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0
+
+    try:
+        # Once a task's success arrives, the consumer is bound and sees what follows
+        def sees_events() -> bool:
+            worker_tasks.add.delay(1, 1).get(timeout=20)
+            return count("conveyor_tasks_succeeded_total", task="tests.add") > 0
+
+        wait_for(sees_events, 30, 0.5, "the exporter to receive events")
+        publish_raw(
+            chaos_rabbit, task_body([1])[:-3], headers=task_headers("tests.add", str(uuid.uuid4()))
+        )
+        publish_raw(chaos_rabbit, b'{"not": "a task"}', headers=None)
+        for reason in ("undecodable", "not_a_task"):
+            wait_for(
+                lambda r=reason: (
+                    count("conveyor_messages_rejected_total", reason=r, queue="default") == 1
+                ),
+                20,
+                0.5,
+                f"the exporter to count the {reason} rejection",
+            )
+    finally:
+        stop.set()
+        consumer.join(10)
