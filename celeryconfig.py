@@ -270,6 +270,11 @@ conveyor_idempotency_ttl = 7 * 86_400
 #: Seconds a delivery holds an effect's key while running it. A killed holder blocks the key
 #: this long; a slower effect must pass a longer lease.
 conveyor_idempotency_lease = 60.0
+#: A delivery that finds the key leased waits out the lease's remaining time and tries again,
+#: apart from its transient-error retries (tasks/base.py). Each wait ends with the holder done
+#: or its lease expired, so this many in a row means holder after holder was killed: the task
+#: is dead-lettered rather than waiting forever.
+conveyor_idempotency_lease_waits = 10
 
 
 # --- Batches (tasks/batch, docs/batch.md) --------------------------------------------------------

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, TypeVar
 
+import amqp.exceptions
 import celery
+import kombu.exceptions
 import redis
-from celery.exceptions import Reject
+import redis.exceptions
+from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
@@ -19,6 +23,35 @@ from workers.events import sent_events
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
+
+#: Errors worth another attempt: a service (Redis, RabbitMQ, a socket) was briefly unreachable
+#: or slow. The client libraries raise their own classes, none of them subclasses of the
+#: builtins, so each is named. Every Conveyor task retries these (Task.autoretry_for).
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionError,  # builtin: refused, reset, broken pipe
+    TimeoutError,  # builtin, and socket.timeout
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,  # kombu's wrapper of a failed publish or connect
+    amqp.exceptions.RecoverableConnectionError,  # connection closed or forced by the broker
+)
+#: Message header counting how often a task waited out another delivery's idempotency lease.
+LEASE_WAITS_HEADER = "conveyor_lease_waits"
+#: Seconds of random delay added to a lease wait, so that copies waiting on one key spread out.
+LEASE_WAIT_JITTER = 2.0
+
+
+def lease_waits(request: Any) -> int:
+    """How many lease waits the running delivery has behind it (its message header)."""
+    try:
+        return max(0, int(getattr(request, LEASE_WAITS_HEADER, 0) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def lease_wait_countdown(retry_after: float, rng: random.Random | None = None) -> float:
+    """Seconds until a delivery blocked by a lease tries again: its remaining time + jitter."""
+    return max(0.0, retry_after) + (rng or random).uniform(0, LEASE_WAIT_JITTER)
 
 
 class ArgumentsTooLarge(ValueError):
@@ -79,14 +112,20 @@ class Task(celery.Task):  # type: ignore[type-arg]
     """Bounded publishing, transient-error retries, and dead-lettering when retries run out.
 
     - every apply_async gets publish/confirm timeouts, whole-second delays and a size limit;
-    - connection errors, timeouts and a busy idempotency lease retry with exponential backoff
-      and full jitter, at most `max_retries` times (a task may narrow or widen this);
+    - TRANSIENT_ERRORS retry with exponential backoff and full jitter: retry n (from 0) waits
+      a random 0 to min(2**n, retry_backoff_max) seconds, at most `max_retries` times, so with
+      the defaults all five retries fit in 31 s (15.5 s on average); a task may change these;
+    - a busy idempotency lease (EffectInProgress) is waited out instead: the task retries once
+      the lease's remaining time has passed, without using up `max_retries`, at most
+      conveyor_idempotency_lease_waits times in a row;
     - when the last retry fails, the message is rejected to the dead-letter queue (and the
       failure stored as the result) instead of being acked as a silent failure.
     """
 
-    autoretry_for = (ConnectionError, TimeoutError, EffectInProgress)
+    autoretry_for = (*TRANSIENT_ERRORS, EffectInProgress)
     retry_backoff = True
+    #: Caps one countdown; with max_retries = 5 the longest is 16 s, so it only matters to a
+    #: task that raises max_retries past 9.
     retry_backoff_max = 600
     retry_jitter = True
     max_retries = 5
@@ -102,22 +141,82 @@ class Task(celery.Task):  # type: ignore[type-arg]
         max_retries: int | None = None,
         **options: Any,
     ) -> Any:
-        limit = self.max_retries if max_retries is None else max_retries
         request = self.request
-        if limit is not None and request.retries >= limit and not request.called_directly:
-            reason: Exception = exc if exc is not None else RuntimeError("retries exhausted")
-            logger.error(
-                "retries exhausted; dead-lettering task=%s id=%s retries=%s reason=%r",
-                self.name,
-                request.id,
-                request.retries,
-                reason,
-            )
-            self.backend.mark_as_failure(str(request.id), reason, request=request)
-            raise Reject(reason, requeue=False)
+        in_worker = not request.called_directly and not request.is_eager
+        if isinstance(exc, EffectInProgress) and in_worker:
+            return self._wait_for_lease(exc, args, kwargs, throw, options)
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit and in_worker:
+            self._dead_letter("retries exhausted", exc)
+        waits = lease_waits(request)
+        if waits:
+            # Carried through transient retries too, so the two bounds multiply, never loop.
+            options["headers"] = {**(options.get("headers") or {}), LEASE_WAITS_HEADER: waits}
         return super().retry(
             args, kwargs, exc, throw, eta, countdown, max_retries=max_retries, **options
         )
+
+    def _wait_for_lease(
+        self,
+        exc: EffectInProgress,
+        args: Any,
+        kwargs: Any,
+        throw: bool,
+        options: dict[str, Any],
+    ) -> Any:
+        """Retry once the lease that blocked the effect has run out, keeping `retries`.
+
+        A lease outlives the whole backoff window (60 s against 31 s by default), so counting
+        the wait as a transient retry would dead-letter a task whose holder was killed, and
+        its effect would never happen. The wait is counted in its own header instead.
+        """
+        request = self.request
+        waits = lease_waits(request)
+        if waits >= int(self.app.conf.conveyor_idempotency_lease_waits):
+            self._dead_letter("idempotency lease waits exhausted", exc)
+        countdown = lease_wait_countdown(exc.retry_after)
+        headers = {**(options.pop("headers", None) or {}), LEASE_WAITS_HEADER: waits + 1}
+        signature = self.signature_from_request(
+            request,
+            args,
+            kwargs,
+            countdown=countdown,
+            retries=request.retries,
+            headers=headers,
+            **options,
+        )
+        logger.info(
+            "effect busy; retrying task=%s id=%s in %.1f s (lease wait %d)",
+            self.name,
+            request.id,
+            countdown,
+            waits + 1,
+        )
+        try:
+            signature.apply_async()
+        except Exception as publish_error:
+            # As Celery's own retry does: the message goes to the dead-letter queue.
+            raise Reject(publish_error, requeue=False) from publish_error
+        retry = Retry(exc=exc, when=datetime.now(UTC) + timedelta(seconds=countdown), sig=signature)
+        if throw:
+            raise retry
+        return retry
+
+    def _dead_letter(self, why: str, exc: Exception | None) -> NoReturn:
+        """Store the failure and reject the message to the dead-letter queue."""
+        request = self.request
+        reason: Exception = exc if exc is not None else RuntimeError(why)
+        logger.error(
+            "%s; dead-lettering task=%s id=%s retries=%s lease_waits=%s reason=%r",
+            why,
+            self.name,
+            request.id,
+            request.retries,
+            lease_waits(request),
+            reason,
+        )
+        self.backend.mark_as_failure(str(request.id), reason, request=request)
+        raise Reject(reason, requeue=False)
 
     def run_once(
         self,

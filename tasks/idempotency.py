@@ -7,9 +7,9 @@ connection, or when a producer re-publishes after a timeout. A task whose effect
 - the first delivery takes a *lease* on the key (Redis ``SET NX PX``) and runs the effect;
 - when the effect returns, the key becomes *done* (with the effect's JSON result) for ``ttl``;
 - a later delivery of the same key finds *done* and returns the stored result without running
-  the effect; one that finds a live lease raises :class:`EffectInProgress`, which every
-  Conveyor task retries with backoff (tasks.base.Task), so it comes back after the holder
-  finished or its lease expired;
+  the effect; one that finds a live lease raises :class:`EffectInProgress` with the lease's
+  remaining time, and every Conveyor task retries it once that time has passed (tasks.base.Task),
+  so it comes back after the holder finished or its lease expired;
 - an effect that raises releases the lease, so a retry can run it.
 
 The one window left is a process killed after the effect but before the done-marker is
@@ -48,7 +48,15 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 
 
 class EffectInProgress(Exception):
-    """Another delivery holds the key's lease; try again later."""
+    """Another delivery holds the key's lease; try again in `retry_after` seconds.
+
+    `retry_after` is the lease's remaining time (0 when it is gone or unknown): by then the
+    holder has either written the done-marker or, killed, left the key to the next delivery.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, retry_after)
 
 
 @dataclass(frozen=True)
@@ -125,11 +133,18 @@ def run_once_in_redis(
 
 
 def _done_or_in_progress(client: redis.Redis, name: str, key: str) -> Outcome[Any]:
-    raw = client.get(name)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.get(name)
+        pipe.pttl(name)
+        raw, pttl = pipe.execute()
     state = raw.decode() if isinstance(raw, bytes) else raw
     if state is not None and state.startswith("done:"):
         return Outcome(ran=False, value=json.loads(state[5:]))
-    raise EffectInProgress(f"effect {key!r} is held by another delivery ({state})")
+    # PTTL is -2 when the lease expired between the SET NX and now: retry at once.
+    raise EffectInProgress(
+        f"effect {key!r} is held by another delivery ({state})",
+        retry_after=max(0, int(pttl)) / 1000,
+    )
 
 
 def task_id_for(task_name: str, key: str) -> str:
@@ -140,17 +155,22 @@ def enqueue_once(
     task: Any,
     *,
     key: str,
-    client: redis.Redis,
-    ttl: int,
+    client: redis.Redis | None = None,
+    ttl: int | None = None,
     args: tuple[Any, ...] = (),
     kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> Any:
     """Publish `task` once per key; later calls with the key return the same AsyncResult.
 
-    The task id is derived from the key, so even two publishes racing past the marker produce
-    one id, which idempotent effects then run once.
+    The marker lives in `client` for `ttl` seconds, by default conveyor_idempotency_url and
+    conveyor_idempotency_ttl of the task's app. The task id is derived from the key, so even
+    two publishes racing past the marker produce one id, which idempotent effects then run once.
     """
+    if client is None:
+        client = client_for(task.app.conf.conveyor_idempotency_url)
+    if ttl is None:
+        ttl = int(task.app.conf.conveyor_idempotency_ttl)
     task_id = task_id_for(task.name, key)
     marker = f"{ENQUEUE_PREFIX}{task.name}:{key}"
     if client.set(marker, task_id, nx=True, ex=ttl):

@@ -109,3 +109,24 @@ def transient(self: Any, key: str) -> str:
     if ledger.exists(f"broken:{key}"):
         raise ConnectionError(f"{key} is down")
     return "ok"
+
+
+@app.task(name="tests.held_effect", bind=True)
+def held_effect(self: Any, key: str, hold: float) -> int:
+    """An effect (a counter per key) at most once, under the configured (default) lease.
+
+    The first run holds the lease for `hold` seconds before committing, time for a test to
+    kill it there. Every run records the transient-retry count it was given.
+    """
+    ledger = _ledger()
+    runs = int(ledger.hincrby("runs", self.request.id, 1))
+    ledger.rpush(f"retries:{self.request.id}", self.request.retries)
+
+    def effect(pipe: Any) -> None:
+        if runs == 1:
+            ledger.set(f"holding:{key}", os.getpid())
+            time.sleep(hold)
+        pipe.hincrby("effects", key, 1)
+
+    outcome = self.run_once_in_redis(key, effect)
+    return int(outcome.value[0]) if outcome.value else 0

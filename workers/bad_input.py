@@ -8,8 +8,10 @@ can show it. Messages Celery already rejects (no task header, unknown task name,
 type such as pickle, malformed protocol fields) are counted and logged through its
 ``task_rejected`` and ``task_unknown`` signals.
 
-Every rejection writes one line ``message rejected reason=<reason> total=<n>`` and the totals
-per reason answer ``celery -A tasks inspect conveyor_rejections``.
+Every rejection writes one line ``message rejected reason=<reason> total=<n>``, the totals
+per reason answer ``celery -A tasks inspect conveyor_rejections``, and a ``conveyor-rejected``
+event (reason, queue) goes out with the task events, which the exporter counts as
+``conveyor_messages_rejected_total`` (workers/metrics.py).
 
 The step also declares the alternate exchange of the task exchange and its queue, so a message
 published to ``conveyor`` with a routing key that matches no queue is kept, not dropped.
@@ -33,6 +35,12 @@ REJECTIONS: Counter[str] = Counter()
 _lock = threading.Lock()
 #: Bytes of a rejected body shown in the log: enough to recognise it, never a huge payload.
 PREVIEW_BYTES = 120
+#: Event type of one rejection, sent through the worker's event dispatcher (fields: reason,
+#: queue). Its own group, so Flower's worker and task views ignore it; it needs
+#: worker_send_task_events, as every other event the exporter reads.
+REJECTED_EVENT = "conveyor-rejected"
+#: The worker's consumer, whose event dispatcher sends REJECTED_EVENT (set by the step).
+_consumer: Any = None
 
 
 def count_rejection(reason: str, message: Any, detail: object = "") -> int:
@@ -43,6 +51,7 @@ def count_rejection(reason: str, message: Any, detail: object = "") -> int:
     headers = getattr(message, "headers", None) or {}
     delivery = getattr(message, "delivery_info", None) or {}
     body = getattr(message, "body", b"") or b""
+    _send_event(reason, str(delivery.get("routing_key") or "-"))
     logger.error(
         "message rejected reason=%s total=%d task=%s id=%s queue=%s content_type=%s "
         "size=%d detail=%.300r preview=%r",
@@ -57,6 +66,17 @@ def count_rejection(reason: str, message: Any, detail: object = "") -> int:
         bytes(body[:PREVIEW_BYTES]) if isinstance(body, bytes | bytearray) else str(body)[:120],
     )
     return total
+
+
+def _send_event(reason: str, queue: str) -> None:
+    """Tell the exporter (through the event stream); the log line and counter stand anyway."""
+    dispatcher = getattr(_consumer, "event_dispatcher", None)
+    if dispatcher is None:
+        return
+    try:
+        dispatcher.send(REJECTED_EVENT, reason=reason, queue=queue)
+    except Exception as exc:
+        logger.warning("could not send the %s event: %r", REJECTED_EVENT, exc)
 
 
 def dead_letter_undecodable(message: Any, exc: BaseException) -> None:
@@ -156,6 +176,8 @@ class DeadLetterBadInput(bootsteps.StartStopStep):
         guard_task_handler(c)
 
     def start(self, c: Any) -> None:
+        global _consumer
+        _consumer = c
         _, queue = unroutable_entities(c.app.conf)
         with c.connection.channel() as channel:
             queue.bind(channel).declare()

@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from workers import queue_stats
+from workers.bad_input import REJECTED_EVENT
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,17 @@ class TaskEvents:
         )
         self.rejected = Counter(
             "conveyor_tasks_rejected",
-            "Messages a worker rejected (unknown task, refused content), by queue.",
+            "Tasks a worker rejected after accepting them (a Reject raised by the task, such as "
+            "exhausted retries, or a lost pool process), by queue. Bad input refused before it "
+            "became a task is conveyor_messages_rejected.",
             ["queue"],
+            registry=registry,
+        )
+        self.messages_rejected = Counter(
+            "conveyor_messages_rejected",
+            "Messages a worker refused as bad input (undecodable, refused content type, not a "
+            "task, unknown task, malformed or invalid fields), by reason and queue.",
+            ["reason", "queue"],
             registry=registry,
         )
         self.forgotten = Counter(
@@ -137,6 +147,10 @@ class TaskEvents:
     # --- events ----------------------------------------------------------------------------
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type", "")
+        if kind == REJECTED_EVENT:
+            reason, queue = str(event.get("reason") or "unknown"), str(event.get("queue") or "-")
+            self.messages_rejected.labels(reason, queue).inc()
+            return
         uuid = event.get("uuid")
         if not kind.startswith("task-") or not uuid:
             return

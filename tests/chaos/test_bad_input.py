@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import redis
+from celery import signals
 from kombu import Connection, Producer
+from prometheus_client import CollectorRegistry
 
 from tasks.base import ArgumentsTooLarge
 from tasks.deadletter import store
 from tests import worker_tasks
 from tests.chaos.conftest import CHAOS_MAX_MESSAGE_BYTES
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
+from workers.metrics import TaskEvents
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -127,6 +133,18 @@ def rejections(app: Any, worker: WorkerProcess) -> dict[str, int]:
     return dict(replies[0][worker.node])
 
 
+@dataclass(frozen=True)
+class Before:
+    """The worker's rejection counters and the end of its log, before a test publishes."""
+
+    counts: dict[str, int]
+    log_offset: int
+
+
+def before(app: Any, worker: WorkerProcess) -> Before:
+    return Before(rejections(app, worker), len(worker.log()))
+
+
 def dead_letter(rabbit: ChaosRabbitNode, entry_id: str, timeout: float = 20) -> store.Entry:
     def find() -> store.Entry | None:
         with Connection(rabbit.url) as connection:
@@ -143,24 +161,51 @@ def still_works(worker: WorkerProcess) -> None:
 
 
 def rejected(
-    app: Any, worker: WorkerProcess, before: dict[str, int], reason: str, timeout: float = 20
-) -> None:
+    app: Any, worker: WorkerProcess, since: Before, reason: str, timeout: float = 20
+) -> str:
+    """Wait until the worker counted one more `reason` rejection and logged it after `since`;
+    return the log line."""
     wait_for(
-        lambda: rejections(app, worker).get(reason, 0) > before.get(reason, 0),
+        lambda: rejections(app, worker).get(reason, 0) > since.counts.get(reason, 0),
         timeout,
         0.5,
         f"a {reason} rejection to be counted",
     )
-    assert f"message rejected reason={reason}" in worker.log()
+    lines = [
+        line
+        for line in worker.log()[since.log_offset :].splitlines()
+        if f"message rejected reason={reason} " in line
+    ]
+    assert lines, f"no {reason} rejection logged after the publish"
+    return lines[-1]
+
+
+@contextmanager
+def task_publishes() -> Iterator[list[str]]:
+    """Ids of the tasks the client hands to the broker inside the block.
+
+    Celery sends before_task_publish right before the broker publish of every task message, so
+    a call that raised before it published nothing.
+    """
+    seen: list[str] = []
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        seen.append(str((headers or {}).get("id")))
+
+    signals.before_task_publish.connect(record, weak=False)
+    try:
+        yield seen
+    finally:
+        signals.before_task_publish.disconnect(record)
 
 
 def test_b1_a_truncated_json_body_is_dead_lettered_not_dropped(
     chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
 ) -> None:
-    before = rejections(chaos_app, bad_input_worker)
+    since = before(chaos_app, bad_input_worker)
     task_id = str(uuid.uuid4())
     publish_raw(chaos_rabbit, task_body([1, 2])[:-7], headers=task_headers("tests.add", task_id))
-    rejected(chaos_app, bad_input_worker, before, "undecodable")
+    rejected(chaos_app, bad_input_worker, since, "undecodable")
     entry = dead_letter(chaos_rabbit, task_id)
     assert entry.reason == "rejected"
     assert entry.queue == "default"
@@ -170,29 +215,37 @@ def test_b1_a_truncated_json_body_is_dead_lettered_not_dropped(
 def test_b2_an_unknown_task_name_is_dead_lettered_and_recorded_as_failed(
     chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
 ) -> None:
-    before = rejections(chaos_app, bad_input_worker)
+    since = before(chaos_app, bad_input_worker)
     task_id = str(uuid.uuid4())
     publish_raw(chaos_rabbit, task_body([]), headers=task_headers("nobody.knows", task_id))
-    rejected(chaos_app, bad_input_worker, before, "unknown_task")
+    rejected(chaos_app, bad_input_worker, since, "unknown_task")
     assert dead_letter(chaos_rabbit, task_id).task == "nobody.knows"
     assert chaos_app.AsyncResult(task_id).state == "FAILURE"
     still_works(bad_input_worker)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "reason"),
+    [
+        # Celery refuses the text/plain content type before it looks for a task header
+        ("text/plain", b"hello, is this the queue?", "content_disallowed"),
+        # Accepted JSON that is not a task: no task header, and no protocol-1 "task" key
+        ("application/json", b'{"order": 7, "status": "paid"}', "not_a_task"),
+    ],
+    ids=["text", "json"],
+)
 def test_b3_a_plain_message_without_celery_headers_is_dead_lettered(
-    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+    content_type: str,
+    body: bytes,
+    reason: str,
+    chaos_app: Any,
+    chaos_rabbit: ChaosRabbitNode,
+    bad_input_worker: WorkerProcess,
 ) -> None:
-    before = rejections(chaos_app, bad_input_worker)
+    since = before(chaos_app, bad_input_worker)
     marker = str(uuid.uuid4())
-    publish_raw(
-        chaos_rabbit,
-        b"hello, is this the queue?",
-        headers=None,
-        content_type="text/plain",
-        correlation_id=marker,
-    )
-    # Celery refuses its text/plain content type before it looks for a task header
-    rejected(chaos_app, bad_input_worker, before, "content_disallowed")
+    publish_raw(chaos_rabbit, body, headers=None, content_type=content_type, correlation_id=marker)
+    rejected(chaos_app, bad_input_worker, since, reason)
     assert dead_letter(chaos_rabbit, marker).reason == "rejected"
     still_works(bad_input_worker)
 
@@ -215,7 +268,7 @@ def test_b4_a_pickle_payload_is_refused_and_never_unpickled(
 ) -> None:
     sentinel = tmp_path / "pickle-ran"
     payload = pickle.dumps(((_CreatesFile(sentinel),), {}, {}))
-    before = rejections(chaos_app, bad_input_worker)
+    since = before(chaos_app, bad_input_worker)
     task_id = str(uuid.uuid4())
     publish_raw(
         chaos_rabbit,
@@ -224,7 +277,7 @@ def test_b4_a_pickle_payload_is_refused_and_never_unpickled(
         content_type="application/x-python-serialize",
         content_encoding="binary",
     )
-    rejected(chaos_app, bad_input_worker, before, "content_disallowed")
+    rejected(chaos_app, bad_input_worker, since, "content_disallowed")
     dead_letter(chaos_rabbit, task_id)
     assert not sentinel.exists()
     still_works(bad_input_worker)
@@ -248,7 +301,7 @@ def test_b5_other_content_types_are_refused_without_a_crash(
     chaos_rabbit: ChaosRabbitNode,
     bad_input_worker: WorkerProcess,
 ) -> None:
-    before = sum(rejections(chaos_app, bad_input_worker).values())
+    total = sum(rejections(chaos_app, bad_input_worker).values())
     task_id = str(uuid.uuid4())
     publish_raw(
         chaos_rabbit,
@@ -258,7 +311,7 @@ def test_b5_other_content_types_are_refused_without_a_crash(
         content_encoding="binary" if content_type else None,
     )
     wait_for(
-        lambda: sum(rejections(chaos_app, bad_input_worker).values()) > before,
+        lambda: sum(rejections(chaos_app, bad_input_worker).values()) > total,
         20,
         0.5,
         f"the {content_type} message to be rejected",
@@ -270,11 +323,15 @@ def test_b5_other_content_types_are_refused_without_a_crash(
 def test_b6_oversized_arguments_are_refused_at_the_producer_and_the_broker(
     chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
 ) -> None:
-    depth = chaos_rabbit.message_counts()["default"]
     # At the producer: a clear error, nothing published
-    with pytest.raises(ArgumentsTooLarge, match="limit is 1000000"):
-        worker_tasks.typed.delay("x" * 2_000_000)
-    assert chaos_rabbit.message_counts()["default"] == depth
+    with task_publishes() as published:
+        with pytest.raises(ArgumentsTooLarge, match="limit is 1000000"):
+            worker_tasks.typed.delay("x" * 2_000_000)
+        assert published == []
+        # (the hook sees a publish that does happen)
+        allowed = worker_tasks.typed.delay(1)
+        assert published == [allowed.id]
+    assert allowed.get(timeout=20) == 2
     # Past the client, the broker's max_message_size refuses the publish itself
     huge = task_body(["x" * (CHAOS_MAX_MESSAGE_BYTES + 1024)])
     with pytest.raises(Exception, match=r"(?i)max|size|PRECONDITION"):
@@ -285,17 +342,20 @@ def test_b6_oversized_arguments_are_refused_at_the_producer_and_the_broker(
 def test_b7_wrong_arguments_through_the_client_fail_at_the_call_and_publish_nothing(
     chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
 ) -> None:
-    depth = chaos_rabbit.message_counts()["default"]
-    with pytest.raises(TypeError):
-        worker_tasks.add.delay(1)
-    with pytest.raises(TypeError):
-        worker_tasks.add.delay(1, 2, z=3)
     from tasks import webhooks
 
-    with pytest.raises(ValueError, match="absolute http"):
-        webhooks.enqueue("not a url", "order.paid", {})
-    time.sleep(0.5)
-    assert chaos_rabbit.message_counts()["default"] == depth
+    with task_publishes() as published:
+        with pytest.raises(TypeError):
+            worker_tasks.add.delay(1)
+        with pytest.raises(TypeError):
+            worker_tasks.add.delay(1, 2, z=3)
+        with pytest.raises(ValueError, match="absolute http"):
+            webhooks.enqueue("not a url", "order.paid", {})
+        assert published == []
+        # (the hook sees a publish that does happen)
+        allowed = worker_tasks.add.delay(1, 2)
+        assert published == [allowed.id]
+    assert allowed.get(timeout=20) == 3
 
 
 def test_b8_wrong_argument_types_fail_once_without_a_redelivery_loop(
@@ -314,43 +374,47 @@ def test_b8_wrong_argument_types_fail_once_without_a_redelivery_loop(
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "reason"),
     [
-        {"eta": "not-a-date"},
-        {"expires": "tomorrow-ish"},
-        {"retries": "many"},
-        {"timelimit": "forever"},
-        {"id": None},
+        # Celery's own Request raises InvalidTaskError for these, and rejects the message
+        ({"eta": "not-a-date"}, "invalid_task"),
+        ({"expires": "tomorrow-ish"}, "invalid_task"),
+        # workers/bad_input.py refuses these before Celery sees them (some used to wedge it)
+        ({"retries": "many"}, "malformed"),
+        ({"timelimit": "forever"}, "malformed"),
+        ({"id": None}, "malformed"),
     ],
     ids=["eta", "expires", "retries", "timelimit", "no-id"],
 )
-def test_b9_bad_protocol_fields_are_rejected_or_discarded_and_the_worker_lives(
+def test_b9_bad_protocol_fields_are_dead_lettered_with_a_log_line_and_the_worker_lives(
     overrides: dict[str, Any],
+    reason: str,
     chaos_app: Any,
     chaos_rabbit: ChaosRabbitNode,
     bad_input_worker: WorkerProcess,
     ledger: redis.Redis,
 ) -> None:
+    since = before(chaos_app, bad_input_worker)
     task_id = str(uuid.uuid4())
     headers = task_headers("tests.typed", task_id, **overrides)
     publish_raw(chaos_rabbit, task_body([1]), headers=headers, correlation_id=task_id)
-    # The message is consumed: it leaves the task queue one way or another ...
-    wait_for(lambda: chaos_rabbit.message_counts()["default"] == 0, 20, 0.5, "the message")
+    line = rejected(chaos_app, bad_input_worker, since, reason)
+    assert f"id={headers['id']} " in line
+    # The dead letter is found by its id, or by its correlation id when it has none
+    assert dead_letter(chaos_rabbit, task_id).reason == "rejected"
+    assert ledger.hget("runs", task_id) is None
     still_works(bad_input_worker)
-    # ... with a log line naming it when it did not run as a task
-    if not ledger.hget("runs", task_id):
-        assert task_id in bad_input_worker.log() or "message rejected" in bad_input_worker.log()
 
 
 def test_b10_hostile_json_is_dead_lettered_and_memory_stays_bounded(
     chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
 ) -> None:
-    before = rejections(chaos_app, bad_input_worker)
+    since = before(chaos_app, bad_input_worker)
     # Very deep nesting: the decoder's recursion limit, not the worker, gives up
     deep_id = str(uuid.uuid4())
     deep = b"[" * 200_000 + b"]" * 200_000
     publish_raw(chaos_rabbit, deep, headers=task_headers("tests.add", deep_id))
-    rejected(chaos_app, bad_input_worker, before, "undecodable")
+    rejected(chaos_app, bad_input_worker, since, "undecodable")
     dead_letter(chaos_rabbit, deep_id)
     # A huge string just under the broker's limit: fails as a task, once
     huge_id = str(uuid.uuid4())
@@ -380,3 +444,41 @@ def test_an_unroutable_publish_is_kept_in_the_unroutable_queue(
         0.5,
         "the unroutable message to be kept",
     )
+
+
+def test_rejections_reach_the_exporter_as_a_counter_by_reason(
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, bad_input_worker: WorkerProcess
+) -> None:
+    # The exporter's own event consumer, on the chaos node
+    registry = CollectorRegistry()
+    events = TaskEvents(registry)
+    stop = threading.Event()
+    consumer = threading.Thread(target=events.consume_forever, args=(chaos_app, stop), daemon=True)
+    consumer.start()
+
+    def count(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0
+
+    try:
+        # Once a task's success arrives, the consumer is bound and sees what follows
+        def sees_events() -> bool:
+            worker_tasks.add.delay(1, 1).get(timeout=20)
+            return count("conveyor_tasks_succeeded_total", task="tests.add") > 0
+
+        wait_for(sees_events, 30, 0.5, "the exporter to receive events")
+        publish_raw(
+            chaos_rabbit, task_body([1])[:-3], headers=task_headers("tests.add", str(uuid.uuid4()))
+        )
+        publish_raw(chaos_rabbit, b'{"not": "a task"}', headers=None)
+        for reason in ("undecodable", "not_a_task"):
+            wait_for(
+                lambda r=reason: (
+                    count("conveyor_messages_rejected_total", reason=r, queue="default") == 1
+                ),
+                20,
+                0.5,
+                f"the exporter to count the {reason} rejection",
+            )
+    finally:
+        stop.set()
+        consumer.join(10)

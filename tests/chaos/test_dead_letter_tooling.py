@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -40,12 +41,18 @@ def in_dlq(chaos: Chaos, task_id: str) -> store.Entry | None:
         return store.find(connection, DLQ, task_id)
 
 
-def dead_lettered_transient(chaos: Chaos, key: str) -> Any:
+def dead_lettered_transient(chaos: Chaos, key: str, queue: str = "default") -> Any:
     """Publish a task whose error outlasts its retries; return its result once dead-lettered."""
     chaos.ledger.set(f"broken:{key}", 1)
-    result = worker_tasks.transient.delay(key)
+    result = worker_tasks.transient.apply_async((key,), queue=queue)
     wait_for(lambda: in_dlq(chaos, result.id), 60, 0.5, "the exhausted task's dead letter")
     return result
+
+
+def listed_ids(chaos: Chaos, *options: str) -> set[str]:
+    listed = dlq(chaos, "list", *options, "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {entry["id"] for entry in json.loads(listed.stdout)}
 
 
 def test_a_transient_error_retries_with_backoff_then_is_dead_lettered_not_dropped(
@@ -118,3 +125,61 @@ def test_dlq_purge_asks_first_and_empties_the_queue(chaos: Chaos) -> None:
     purged = dlq(chaos, "purge", "--yes")
     assert purged.returncode == 0, purged.stderr
     assert in_dlq(chaos, result.id) is None
+
+
+def test_dlq_list_filters_by_queue_and_replay_selects_by_task_or_all(chaos: Chaos) -> None:
+    from tests.chaos.test_bad_input import publish_raw, task_body, task_headers
+
+    chaos.start_worker("selection")
+    # Given a task dead-lettered from `default`, and one no worker knows from `batch`
+    transient = dead_lettered_transient(chaos, "selection")
+    unknown = str(uuid.uuid4())
+    publish_raw(
+        chaos.rabbit,
+        task_body([]),
+        headers=task_headers("nobody.knows", unknown),
+        routing_key="batch",
+    )
+    wait_for(lambda: in_dlq(chaos, unknown), 20, 0.5, "the unknown task's dead letter")
+
+    # list --queue shows only the messages dead-lettered from that queue
+    assert listed_ids(chaos, "--queue", "batch") == {unknown}
+    assert listed_ids(chaos, "--queue", "default") == {transient.id}
+    assert listed_ids(chaos, "--queue", "priority") == set()
+    readable = dlq(chaos, "list", "--queue", "batch")
+    assert readable.returncode == 0, readable.stderr
+    assert f"{unknown}  task=nobody.knows  queue=batch  reason=rejected" in readable.stdout
+    assert "1 message(s)" in readable.stdout
+
+    # replay needs exactly one selection, and show/replay say when an id is not there
+    for options in ([], ["--id", unknown, "--all"], ["--task", "nobody.knows", "--all"]):
+        refused = dlq(chaos, "replay", *options)
+        assert refused.returncode == 2, (options, refused.stdout)
+        assert "give exactly one of --id, --task or --all" in refused.stderr
+    missing = str(uuid.uuid4())
+    for command in (["show", missing], ["replay", "--id", missing]):
+        absent = dlq(chaos, *command)
+        assert absent.returncode == 1, (command, absent.stdout)
+        assert f"no dead-lettered message with id {missing}" in absent.stderr
+    assert listed_ids(chaos) == {transient.id, unknown}
+
+    # replay --task brings back that task's messages only
+    chaos.ledger.delete("broken:selection")
+    by_task = dlq(chaos, "replay", "--task", "tests.transient")
+    assert by_task.returncode == 0, by_task.stderr
+    assert f"replayed {transient.id} task=tests.transient -> default" in by_task.stdout
+    assert "replayed 1 message(s)" in by_task.stdout
+    wait_for(lambda: transient.state == "SUCCESS", 30, 0.5, "the replayed task to succeed")
+    assert listed_ids(chaos) == {unknown}
+
+    # replay --all takes the rest, to its own queue; the unknown task is rejected again
+    everything = dlq(chaos, "replay", "--all")
+    assert everything.returncode == 0, everything.stderr
+    assert f"replayed {unknown} task=nobody.knows -> batch" in everything.stdout
+    assert "replayed 1 message(s)" in everything.stdout
+
+    def rejected_again() -> bool:
+        entry = in_dlq(chaos, unknown)
+        return entry is not None and entry.headers.get("x-conveyor-replays") == 1
+
+    wait_for(rejected_again, 20, 0.5, "the replayed unknown task back in the dead-letter queue")

@@ -68,6 +68,13 @@ def test_a_concurrent_delivery_is_told_to_come_back_later(store: redis.Redis) ->
     assert run_once(store, "k", lambda: 3, ttl=60, lease=5).value == 1
 
 
+def test_a_blocked_delivery_is_told_how_long_the_lease_has_left(store: redis.Redis) -> None:
+    store.set("conveyor:effect:held", "lease:killed-holder", px=50_000)
+    with pytest.raises(EffectInProgress) as blocked:
+        run_once(store, "held", lambda: 1, ttl=60, lease=5)
+    assert 45 < blocked.value.retry_after <= 50
+
+
 def test_a_lease_left_by_a_killed_delivery_expires(store: redis.Redis) -> None:
     store.set("conveyor:effect:orphan", "lease:dead", px=100)
     threading.Event().wait(0.2)
