@@ -229,8 +229,8 @@ def check(
     expected dead letter is missing after `timeout` seconds: the row is recorded first.
     """
     expected = set(expected_dead)
-    heal = time.monotonic()
-    deadline = heal + timeout
+    drain_started = time.monotonic()
+    deadline = drain_started + timeout
     while True:
         runs = ledger.hgetall("runs")
         missing = [i for i in producer.ok if int(runs.get(i, 0)) == 0 and i not in expected]
@@ -243,7 +243,7 @@ def check(
             drained = False
             break
         time.sleep(0.5)
-    drain_seconds = time.monotonic() - heal
+    drain_seconds = time.monotonic() - drain_started
     # Late duplicates (a redelivery still running) show up within a moment of draining.
     time.sleep(1.5)
     counts = rabbit.message_counts()
