@@ -259,11 +259,9 @@ def test_f5_a_cold_shutdown_lets_short_tasks_finish_and_requeues_long_ones(
     )
     started = time.monotonic()
     if size == "small":
-        tasks, long_every, short, long = 40, 5, 0.2, 4.0
-        spread = 10.0
+        tasks, long_every, short, long, spread = 40, 5, 0.2, 4.0, 10.0
     else:
-        tasks, long_every, short, long = tasks, 100, 0.02, 3.0
-        spread = tasks * 0.02
+        long_every, short, long, spread = 100, 0.02, 3.0, tasks * 0.02
     producer = Producer(
         worker_tasks.chaos_work,
         tasks,
