@@ -100,6 +100,8 @@ def start_worker(
             workdir=tmp_path / name,
             name=name,
             concurrency=concurrency,
+            # chaos_tasks records when each task started and finished (time to recover).
+            include="tests.worker_tasks,tests.chaos.chaos_tasks",
             # Idempotency markers beside the ledger, so tests.idempotent_effect's counter and
             # its marker commit in one transaction.
             env={

@@ -6,7 +6,11 @@
 - Each execution of a chaos task increments the id's counter in the ledger's `runs` hash
   (tests/worker_tasks.py, a Redis database the faults never touch).
 - `check` waits until every ok id has run (or sits in the dead-letter queue) and the queues are
-  empty, then returns the counts: lost, duplicates, dead-lettered.
+  empty, fails if they do not drain in time, then returns the counts: lost, duplicates,
+  dead-lettered, and the time each heal took to show a task completing again.
+- `assert_invariants` holds the run to the matrix: nothing lost, redeliveries within the bound,
+  the dead-letter queue holding exactly the ids the scenario expects there (none, except F2's
+  poison tasks), and every heal followed by a completed task within RECOVERY_SECONDS.
 
 Duplicates are counted per publish, not per id. An indeterminate publish may well have reached
 the queue before the connection died (AMQP gives no way to ask), so an id published k times
@@ -25,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,15 @@ from tests.infra import ChaosRabbitNode
 #: Where each scenario's figures are appended (one JSON object per line) when set;
 #: docs/reliability.md is built from this file (python -m tests.chaos.report).
 REPORT_PATH = os.environ.get("CONVEYOR_CHAOS_REPORT")
+
+#: Promise 5: workers consume again within this long of the broker or Redis coming back.
+RECOVERY_SECONDS = 30.0
+#: Promise 4: a publish returns or raises within this long, whatever the broker does. With the
+#: defaults a publish waits at most conveyor_publish_timeout (10 s), then Celery's publish retry
+#: reconnects up to 3 times, each bounded by broker_connection_timeout (4 s) plus at most 1 s
+#: of interval: 25 s, and 10 s of margin for a loaded machine. A fixed target, not computed
+#: from the settings, so that a slower setting or a hang past it fails the scenario.
+PUBLISH_ANSWER_SECONDS = 35.0
 
 
 @dataclass
@@ -117,12 +130,23 @@ class Outcome:
     notes: str = ""
     #: Retries the tasks published themselves (Celery's task_retry signal).
     retried: int = 0
+    #: Dead letters the scenario expects (F2's poison tasks), and ids found there otherwise.
+    expected_dead: int = 0
+    unexpected_dead_ids: list[str] = field(default_factory=list)
+    missing_dead_ids: list[str] = field(default_factory=list)
+    #: Messages left in the task queues (ready or unacked) when the check ended.
+    left_in_queues: int = 0
+    #: Heals (the fault undone) in the run, and the worst time from a heal to the completion
+    #: of the first task that started after it; None when some heal saw no task complete.
+    heals: int = 0
+    time_to_recover: float | None = None
+    recovery_bound: float | None = None
 
     def record(self) -> None:
         if REPORT_PATH:
             Path(REPORT_PATH).parent.mkdir(parents=True, exist_ok=True)
             with open(REPORT_PATH, "a") as out:
-                row = {k: v for k, v in asdict(self).items() if k != "lost_ids"}
+                row = {k: v for k, v in asdict(self).items() if not k.endswith("_ids")}
                 out.write(json.dumps({**row, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}) + "\n")
 
 
@@ -158,6 +182,31 @@ def count_duplicates(
     return redeliveries, republished
 
 
+def completions(ledger: redis.Redis) -> list[tuple[float, float]]:
+    """(started, finished) wall-clock times of every task that returned (chaos_tasks.py)."""
+    pairs = []
+    for raw in ledger.lrange("completions", 0, -1):
+        started, finished = raw.split()
+        pairs.append((float(started), float(finished)))
+    return pairs
+
+
+def recovery_times(
+    pairs: Iterable[tuple[float, float]], heals: Sequence[float]
+) -> list[float | None]:
+    """For each heal (wall-clock time), seconds until a task that started after it completed.
+
+    A task that started before the heal and finished after it does not count: it shows
+    nothing about consuming again. None for a heal after which no task completed.
+    """
+    pairs = list(pairs)
+    times: list[float | None] = []
+    for heal in heals:
+        after = [finished for started, finished in pairs if started >= heal]
+        times.append(round(min(after) - heal, 2) if after else None)
+    return times
+
+
 def check(
     scenario: str,
     producer: Producer,
@@ -170,30 +219,44 @@ def check(
     timeout: float = 120,
     queues: Iterable[str] = ("default",),
     notes: str = "",
+    expected_dead: Iterable[str] = (),
+    heals: Sequence[float] = (),
+    recovery_bound: float | None = RECOVERY_SECONDS,
 ) -> Outcome:
-    """Drain, then count lost and duplicate executions; records the figures."""
-    heal = time.monotonic()
-    deadline = heal + timeout
+    """Drain, then count lost and duplicate executions; records the figures.
+
+    Fails when the queues still hold messages (ready or unacked), an ok id has not run, or an
+    expected dead letter is missing after `timeout` seconds: the row is recorded first.
+    """
+    expected = set(expected_dead)
+    drain_started = time.monotonic()
+    deadline = drain_started + timeout
     while True:
         runs = ledger.hgetall("runs")
-        missing = [i for i in producer.ok if int(runs.get(i, 0)) == 0]
+        missing = [i for i in producer.ok if int(runs.get(i, 0)) == 0 and i not in expected]
         counts = rabbit.message_counts()
         busy = sum(counts.get(q, 0) for q in queues)
-        if not missing and busy == 0:
+        if not missing and busy == 0 and (not expected or expected <= dead_lettered_ids(rabbit)):
+            drained = True
             break
         if time.monotonic() > deadline:
+            drained = False
             break
         time.sleep(0.5)
-    drain_seconds = time.monotonic() - heal
+    drain_seconds = time.monotonic() - drain_started
     # Late duplicates (a redelivery still running) show up within a moment of draining.
     time.sleep(1.5)
+    counts = rabbit.message_counts()
+    left = sum(counts.get(q, 0) for q in queues)
     runs = {k: int(v) for k, v in ledger.hgetall("runs").items()}
     retried = {k: int(v) for k, v in ledger.hgetall("retried").items()}
-    dead = dead_lettered_ids(rabbit) & set(producer.ok)
+    in_dlq = dead_lettered_ids(rabbit)
+    dead = in_dlq & set(producer.ok)
     lost_ids = [i for i in producer.ok if runs.get(i, 0) == 0 and i not in dead]
     duplicates, republish_duplicates = count_duplicates(
         producer.ok, producer.indeterminate, runs, retried
     )
+    recoveries = recovery_times(completions(ledger), heals)
     outcome = Outcome(
         scenario=scenario,
         tasks=producer.count,
@@ -203,7 +266,7 @@ def check(
         duplicates=duplicates,
         duplicate_bound=duplicate_bound,
         republish_duplicates=republish_duplicates,
-        dead_lettered=len(dead),
+        dead_lettered=len(in_dlq),
         faults=faults,
         seconds=round(time.monotonic() - started, 1),
         drain_seconds=round(drain_seconds, 1),
@@ -211,8 +274,26 @@ def check(
         lost_ids=lost_ids[:10],
         notes=notes,
         retried=sum(retried.get(i, 0) for i in producer.ok),
+        expected_dead=len(expected),
+        unexpected_dead_ids=sorted(in_dlq - expected)[:10],
+        missing_dead_ids=sorted(expected - in_dlq)[:10],
+        left_in_queues=left,
+        heals=len(heals),
+        time_to_recover=(
+            None
+            if None in recoveries
+            else max((t for t in recoveries if t is not None), default=None)
+        ),
+        recovery_bound=recovery_bound if heals else None,
     )
+    if not drained:
+        outcome.notes = (outcome.notes + "; " if outcome.notes else "") + "did not drain"
     outcome.record()
+    assert drained, (
+        f"not drained after {timeout:.0f}s: {left} messages in {list(queues)}, "
+        f"{len(missing)} ok ids never run, expected dead letters missing: "
+        f"{outcome.missing_dead_ids} ({outcome})"
+    )
     return outcome
 
 
@@ -239,3 +320,16 @@ def assert_invariants(outcome: Outcome, producer: Producer) -> None:
     assert outcome.confirmed == outcome.tasks
     assert outcome.lost == 0, f"lost {outcome.lost}: {outcome.lost_ids} ({outcome})"
     assert outcome.duplicates <= outcome.duplicate_bound, outcome
+    assert outcome.left_in_queues == 0, f"{outcome.left_in_queues} messages left ({outcome})"
+    # Exactly the dead letters the scenario expects: a confirmed task dead-lettered by a fault
+    # is not lost in the ledger's sense, but it is not delivered either.
+    assert not outcome.unexpected_dead_ids, f"unexpected dead letters ({outcome})"
+    assert not outcome.missing_dead_ids, f"expected dead letters missing ({outcome})"
+    assert outcome.dead_lettered == outcome.expected_dead, outcome
+    if outcome.recovery_bound is not None:
+        assert outcome.time_to_recover is not None, (
+            f"a heal with no task completed after it ({outcome})"
+        )
+        assert outcome.time_to_recover <= outcome.recovery_bound, (
+            f"recovered in {outcome.time_to_recover}s, bound {outcome.recovery_bound}s ({outcome})"
+        )
