@@ -87,9 +87,12 @@ TAGS = {
 
 
 def secret(name: str) -> str:
-    """NAME from the environment or the file NAME_FILE names; missing is an error."""
-    path = os.environ.get(f"{name}_FILE")
-    value = Path(path).read_text().strip() if path else os.environ.get(name, "")
+    """NAME from the environment or the file NAME_FILE names, with celeryconfig's rules (both
+    set, or an unreadable file, is an error naming the variable); missing is an error too."""
+    try:
+        value = celeryconfig._optional_secret(name)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     if not value:
         raise SystemExit(f"{name} (or {name}_FILE) must be set")
     return value

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -86,3 +91,45 @@ def test_the_full_definitions_include_the_delayed_delivery_topology(
     names = {q["name"] for q in full["queues"]}
     assert {f"celery_delayed_{level}" for level in range(28)} <= names
     assert "celery_delayed_delivery" in {e["name"] for e in full["exchanges"]}
+
+
+def generate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    base = {f"CONVEYOR_{role}_PASSWORD": f"pw-{role.lower()}" for role in ROLES}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "rabbitmq" / "definitions.py")],
+        env={**clean, **base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_role_password_can_come_from_a_file(tmp_path: Path, definitions: ModuleType) -> None:
+    (tmp_path / "worker").write_text("from-a-file\n")
+    done = generate(
+        {"CONVEYOR_WORKER_PASSWORD": "", "CONVEYOR_WORKER_PASSWORD_FILE": str(tmp_path / "worker")}
+    )
+    assert done.returncode == 0, done.stderr
+    (user,) = [u for u in json.loads(done.stdout)["users"] if u["name"] == "conveyor-worker"]
+    salt = base64.b64decode(user["password_hash"])[:4]
+    assert user["password_hash"] == definitions.password_hash("from-a-file", salt)
+
+
+def test_role_password_files_get_the_same_checks_as_every_secret(tmp_path: Path) -> None:
+    (tmp_path / "worker").write_text("from-a-file")
+    both = generate({"CONVEYOR_WORKER_PASSWORD_FILE": str(tmp_path / "worker")})
+    assert both.returncode != 0
+    assert "set CONVEYOR_WORKER_PASSWORD or CONVEYOR_WORKER_PASSWORD_FILE, not both" in both.stderr
+    absent = generate(
+        {"CONVEYOR_WORKER_PASSWORD": "", "CONVEYOR_WORKER_PASSWORD_FILE": str(tmp_path / "no")}
+    )
+    assert absent.returncode != 0
+    assert "CONVEYOR_WORKER_PASSWORD_FILE=" in absent.stderr and "cannot be read" in absent.stderr
+    missing = generate({"CONVEYOR_WORKER_PASSWORD": ""})
+    assert missing.returncode != 0
+    assert (
+        "CONVEYOR_WORKER_PASSWORD (or CONVEYOR_WORKER_PASSWORD_FILE) must be set" in missing.stderr
+    )
+    for done in (both, absent, missing):
+        assert "Traceback" not in done.stderr
