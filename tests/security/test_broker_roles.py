@@ -21,6 +21,7 @@ from tests.infra import (
     wait_for,
 )
 from tests.monitoring.conftest import ServiceProcess, project_command, sample, scrape
+from tests.security.beat import beat_sends_a_task_the_worker_runs
 
 pytestmark = pytest.mark.integration
 
@@ -303,3 +304,16 @@ def test_the_monitor_role_sees_queue_depth_with_a_passive_declare(node: RabbitNo
 def test_guest_cannot_reach_the_conveyor_vhost(node: RabbitNode) -> None:
     with Connection(f"amqp://guest:guest@127.0.0.1:{node.port}/conveyor") as connection:
         refused(lambda: connection.connect())
+
+
+def test_beat_runs_on_the_worker_role(
+    node: RabbitNode, result_backend: str, redis_url: str, tmp_path: Path
+) -> None:
+    worker = worker_role(node, result_backend, tmp_path, "beat-role-worker")
+    try:
+        log = beat_sends_a_task_the_worker_runs(
+            worker, url(node, "worker"), redis_url, tmp_path / "beat", {}
+        )
+    finally:
+        worker.stop()
+    assert "ACCESS_REFUSED" not in log

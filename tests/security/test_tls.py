@@ -20,6 +20,7 @@ from port_for import get_port
 import celeryconfig
 from tests.infra import ROOT, ManagedRabbitNode, TlsFiles, WorkerProcess
 from tests.monitoring.conftest import FLOWER_PASSWORD, FLOWER_USER, start_flower
+from tests.security.beat import beat_sends_a_task_the_worker_runs
 
 pytestmark = pytest.mark.integration
 
@@ -271,3 +272,24 @@ def test_the_management_api_context_verifies_and_sends_the_client_certificate(
         management_api_context(
             {"certfile": str(tmp_path / "client.pem"), "keyfile": str(tmp_path / "ca.pem")}
         )
+
+
+def test_beat_sends_its_tasks_over_verified_tls(
+    tls_rabbit: ManagedRabbitNode,
+    tls_files: TlsFiles,
+    result_backend: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    tls = {"CONVEYOR_BROKER_TLS_CA": str(tls_files.ca)}
+    worker = WorkerProcess(
+        broker_url=tls_rabbit.url,
+        result_backend=result_backend,
+        workdir=tmp_path,
+        name="tls-beat-worker",
+        env=tls,
+    ).start()
+    try:
+        beat_sends_a_task_the_worker_runs(worker, tls_rabbit.url, redis_url, tmp_path / "beat", tls)
+    finally:
+        worker.stop()
