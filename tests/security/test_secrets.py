@@ -162,7 +162,7 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 @pytest.mark.integration
 def test_passwords_never_appear_in_logs_inspect_report_metrics_or_flower(
-    managed: ManagedRabbitNode, password_redis: str, tmp_path: Path
+    managed: ManagedRabbitNode, password_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a broker user, a monitoring user and a Redis that all need passwords, a webhook
     # secret and Flower's login, every one of them given as a secret file
@@ -192,9 +192,11 @@ def test_passwords_never_appear_in_logs_inspect_report_metrics_or_flower(
         name="secret-worker",
         env=secret_env,
     )
-    env = worker.environment()
+    # Only the files: other tests may have set these in this process's environment, which
+    # the processes started here inherit
     for name in files:
-        env.pop(name, None)
+        monkeypatch.delenv(name, raising=False)
+    env = worker.environment()
     worker.start()
     celery = str(Path(sys.executable).with_name("celery"))
     try:
