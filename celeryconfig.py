@@ -29,10 +29,7 @@ def _secret(name: str, default: str) -> str:
     if path:
         if name in os.environ:
             raise RuntimeError(f"set {name} or {name}_FILE, not both")
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as exc:
-            raise RuntimeError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
+        value = _secret_file(name, path)
     else:
         value = os.environ.get(name, default)
     if not value.strip():
@@ -40,6 +37,26 @@ def _secret(name: str, default: str) -> str:
         # its own defaults, and some projects fall back to eager mode). Fail at import.
         raise RuntimeError(f"{name} is set but empty; give a URL or unset it for the default")
     return value
+
+
+def _secret_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise RuntimeError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
+
+
+def _optional_secret(name: str) -> str | None:
+    """Like _secret, for a value that may be absent: None when NAME and NAME_FILE are unset.
+
+    An empty NAME counts as unset (compose passes optional variables as empty strings).
+    """
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return os.environ.get(name) or None
+    if os.environ.get(name):
+        raise RuntimeError(f"set {name} or {name}_FILE, not both")
+    return _secret_file(name, path) or None
 
 
 # --- Broker and result backend -------------------------------------------------------------
@@ -264,7 +281,9 @@ conveyor_max_argument_bytes = int(os.environ.get("CONVEYOR_MAX_ARGUMENT_BYTES", 
 #: messages go back to the queue and are redelivered.
 broker_channel_error_retry = True
 #: Where idempotency markers live (tasks/idempotency.py); the result Redis by default.
-conveyor_idempotency_url = os.environ.get("CONVEYOR_IDEMPOTENCY_URL", result_backend)
+conveyor_idempotency_url = _optional_secret("CONVEYOR_IDEMPOTENCY_URL") or result_backend
+#: HMAC-SHA256 key for outgoing webhooks' X-Conveyor-Signature (tasks/webhooks.py); None: unsigned.
+conveyor_webhook_secret = _optional_secret("CONVEYOR_WEBHOOK_SECRET")
 #: How long "this effect already ran" is remembered: longer than any redelivery or replay.
 conveyor_idempotency_ttl = 7 * 86_400
 #: Seconds a delivery holds an effect's key while running it. A killed holder blocks the key
@@ -307,7 +326,7 @@ conveyor_batch_item_backoff = 0.2
 # --- Monitoring --------------------------------------------------------------------------------
 #: RabbitMQ management API, for the exporter and `celery -A tasks overview`: adds unacked and
 #: delayed counts. Unset, they read ready messages and consumers with passive queue declares.
-conveyor_rabbitmq_api = os.environ.get("CONVEYOR_RABBITMQ_API") or None
+conveyor_rabbitmq_api = _optional_secret("CONVEYOR_RABBITMQ_API")
 #: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
 #: A metrics factory takes the app and returns a prometheus_client Collector (workers/metrics.py);
 #: an overview section takes the app and returns (title, rows) (workers/overview.py).
@@ -345,7 +364,7 @@ if conveyor_signing:
 #: answering ping and the missed-run policy. See docs/scheduling.md.
 beat_scheduler = "tasks.schedule.scheduler:ConveyorScheduler"
 #: Its own variable, so the schedule can live apart from results; the result Redis by default.
-redbeat_redis_url = os.environ.get("CONVEYOR_SCHEDULE_REDIS_URL", result_backend)
+redbeat_redis_url = _optional_secret("CONVEYOR_SCHEDULE_REDIS_URL") or result_backend
 #: Explicit, so redbeat does not fall back to the broker's transport options.
 redbeat_redis_options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
 redbeat_key_prefix = "redbeat:"

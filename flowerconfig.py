@@ -2,12 +2,14 @@
 
 Flower has already applied FLOWER_* variables and the command line when it executes this file,
 so the check sees the final address and authentication. Everything else is configured with
-FLOWER_* variables (see docs/monitoring.md), so that one place, the environment, decides.
+FLOWER_* variables (see docs/monitoring.md), so that one place, the environment, decides;
+FLOWER_BROKER_API and FLOWER_BASIC_AUTH may also come from *_FILE paths (Docker secrets).
 """
 
 from tornado.options import options
 
-from workers.flower import check, verify_management_api_with_broker_ca
+from workers.flower import apply_secret_files, check, verify_management_api_with_broker_ca
 
+apply_secret_files(options)
 check(options)
 verify_management_api_with_broker_ca()

@@ -115,7 +115,7 @@ def deliver(self: Any, url: str, event: str, payload: dict[str, Any]) -> dict[st
         event,
         payload,
         idempotency_key=self.request.id,
-        secret=os.environ.get("CONVEYOR_WEBHOOK_SECRET") or None,
+        secret=app.conf.conveyor_webhook_secret,
     )
     logger.info("delivered event=%s url=%s status=%s", event, url, result.status)
     return asdict(result)

@@ -8,6 +8,7 @@ loopback address or a unix socket only, where nobody else can reach it.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,29 @@ def check(options: object) -> None:
     )
     if problem:
         raise UnsafeFlowerConfiguration(f"refusing to start: {problem}")
+
+
+#: Flower options that carry a secret, by the variable that sets them. Each may come from a
+#: file instead, NAME_FILE (the Docker secrets convention), read with celeryconfig's rules.
+SECRET_OPTIONS = {"FLOWER_BROKER_API": "broker_api", "FLOWER_BASIC_AUTH": "basic_auth"}
+
+
+def apply_secret_files(options: Any) -> None:
+    """Set Flower's secret-bearing options from their *_FILE paths, when given.
+
+    Flower reads FLOWER_* variables itself but knows no *_FILE form. Setting both forms, or
+    naming an unreadable file, is an error naming the variable (celeryconfig._optional_secret).
+    """
+    from celeryconfig import _optional_secret
+
+    for variable, option in SECRET_OPTIONS.items():
+        if not os.environ.get(f"{variable}_FILE"):
+            continue
+        value = _optional_secret(variable)
+        if value is None:
+            raise UnsafeFlowerConfiguration(f"{variable}_FILE names an empty file")
+        # basic_auth is a list option: Flower splits its variable on commas too.
+        setattr(options, option, value.split(",") if option == "basic_auth" else value)
 
 
 def management_api_tls(broker_use_ssl: object) -> dict[str, object]:

@@ -240,7 +240,9 @@ class TaskEvents:
                     receiver = app.events.Receiver(connection, handlers={"*": self.handle})
                     _stop_with(receiver, stop)
                     self.connected.set(1)
-                    receiver.capture(limit=None, timeout=None, wakeup=True)
+                    # No wakeup broadcast: it is a write to celery.pidbox, which the read-only
+                    # exporter role may not do; workers send a heartbeat every 2 s anyway.
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
             except Exception as exc:
                 logger.warning("event stream lost, reconnecting: %r", exc)
                 stop.wait(RECONNECT_INTERVAL)

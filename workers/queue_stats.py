@@ -6,12 +6,16 @@ Two sources, the same answer where both have it:
   figures are refreshed every ``collect_statistics_interval`` (5 s by default);
 - without it, a passive ``queue.declare`` per queue gives ready messages and consumers at once,
   but no unacknowledged count. A passive declare never creates or changes a queue.
+
+An ``https://`` management API is verified against the same CA (and given the same client
+certificate) as the amqps:// broker connection, ``broker_use_ssl``: one private CA for both.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import ssl
 import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -63,8 +67,26 @@ def _split_credentials(api_url: str) -> tuple[str, str | None]:
     return base, "Basic " + base64.b64encode(token).decode()
 
 
-def from_management_api(api_url: str, vhost: str, names: list[str]) -> BrokerSnapshot:
-    """Read every queue of `vhost` in one request; raises OSError/ValueError when unreachable."""
+def management_api_context(broker_use_ssl: object) -> ssl.SSLContext:
+    """TLS context for the management API: the broker connection's CA and client certificate.
+
+    Without a CA in `broker_use_ssl` the system's trust store verifies it. Verification and
+    host-name checks are never turned off.
+    """
+    options = broker_use_ssl if isinstance(broker_use_ssl, dict) else {}
+    context = ssl.create_default_context(cafile=options.get("ca_certs") or None)
+    if options.get("certfile") and options.get("keyfile"):
+        context.load_cert_chain(options["certfile"], options["keyfile"])
+    return context
+
+
+def from_management_api(
+    api_url: str, vhost: str, names: list[str], context: ssl.SSLContext | None = None
+) -> BrokerSnapshot:
+    """Read every queue of `vhost` in one request; raises OSError/ValueError when unreachable.
+
+    `context` verifies an https:// API (by default against the system's trust store).
+    """
     base, authorization = _split_credentials(api_url)
     url = (
         f"{base}queues/{quote(vhost, safe='')}"
@@ -73,7 +95,7 @@ def from_management_api(api_url: str, vhost: str, names: list[str]) -> BrokerSna
     request = urllib.request.Request(url)
     if authorization:
         request.add_header("Authorization", authorization)
-    with urllib.request.urlopen(request, timeout=API_TIMEOUT) as response:
+    with urllib.request.urlopen(request, timeout=API_TIMEOUT, context=context) as response:
         rows: list[dict[str, Any]] = json.load(response)
     queues: dict[str, QueueStats] = {}
     delayed = 0
@@ -124,5 +146,6 @@ def snapshot(app: Celery, api_url: str | None = None) -> BrokerSnapshot:
     if api_url:
         with app.connection_for_read() as connection:
             vhost = connection.virtual_host or "/"
-        return from_management_api(api_url, vhost, names)
+        context = management_api_context(app.conf.broker_use_ssl)
+        return from_management_api(api_url, vhost, names, context)
     return from_passive_declare(app, names)

@@ -11,8 +11,11 @@ Roles (permissions are regular expressions over exchange and queue names in the 
 - producer: publish tasks (and their task-sent events) and nothing else: it cannot
   consume, purge, declare or delete a task queue;
 - worker: everything Celery's worker and beat declare and use, nothing outside the vhost;
-- monitor: its own event and reply queues, inspect broadcasts, passive declares (queue
-  depth) and the management API's read-only `monitoring` tag; it cannot publish tasks.
+- monitor (Flower): its own event and reply queues, inspect broadcasts, passive declares
+  (queue depth) and the management API's read-only `monitoring` tag; it cannot publish tasks,
+  but its write on `celery.pidbox` also carries control commands (shutdown, revoke);
+- exporter (the metrics exporter, `overview`): read-only. Its own event queues, passive
+  declares and the `monitoring` tag; it can publish to nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from kombu.transport.native_delayed_delivery import (
+    CELERY_DELAYED_DELIVERY_EXCHANGE,
+    MAX_LEVEL,
+    level_name,
+)
+
 import celeryconfig  # the queue arguments have one source of truth
 
 VHOST = os.environ.get("CONVEYOR_VHOST", "conveyor")
@@ -42,6 +51,8 @@ CELERY_ENTITIES = (
     r"|.*\.celery\.pidbox|.*\.reply\.celery\.pidbox)$"
 )
 MONITOR_OWN = r"celeryev\..*|.*\.reply\.celery\.pidbox"
+#: An event receiver's own queue (celeryev.<uuid>): declared, bound and consumed by it alone.
+EVENT_QUEUES = r"celeryev\..*"
 
 PERMISSIONS: dict[str, dict[str, str]] = {
     "producer": {
@@ -57,14 +68,31 @@ PERMISSIONS: dict[str, dict[str, str]] = {
         "write": rf"^({MONITOR_OWN}|celery\.pidbox)$",
         "read": rf"^({MONITOR_OWN}|celeryev|reply\.celery\.pidbox)$",
     },
+    "exporter": {
+        # Declaring the `celeryev` exchange is part of binding an event queue to it. Write
+        # covers binding its own queues only: publishing needs write on an exchange, and
+        # no exchange matches, not even the default one (`amq.default`).
+        "configure": rf"^({EVENT_QUEUES}|celeryev)$",
+        "write": rf"^{EVENT_QUEUES}$",
+        "read": rf"^({EVENT_QUEUES}|celeryev)$",
+    },
 }
-TAGS = {"admin": "administrator", "producer": "", "worker": "", "monitor": "monitoring"}
+TAGS = {
+    "admin": "administrator",
+    "producer": "",
+    "worker": "",
+    "monitor": "monitoring",
+    "exporter": "monitoring",
+}
 
 
 def secret(name: str) -> str:
-    """NAME from the environment or the file NAME_FILE names; missing is an error."""
-    path = os.environ.get(f"{name}_FILE")
-    value = Path(path).read_text().strip() if path else os.environ.get(name, "")
+    """NAME from the environment or the file NAME_FILE names, with celeryconfig's rules (both
+    set, or an unreadable file, is an error naming the variable); missing is an error too."""
+    try:
+        value = celeryconfig._optional_secret(name)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     if not value:
         raise SystemExit(f"{name} (or {name}_FILE) must be set")
     return value
@@ -102,15 +130,62 @@ def queue(name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def binding(source: str, destination: str, routing_key: str) -> dict[str, Any]:
+def binding(source: str, destination: str, routing_key: str, kind: str = "queue") -> dict[str, Any]:
     return {
         "source": source,
         "vhost": VHOST,
         "destination": destination,
-        "destination_type": "queue",
+        "destination_type": kind,
         "routing_key": routing_key,
         "arguments": {},
     }
+
+
+def delayed_delivery() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Exchanges, queues and bindings of native delayed delivery (countdown/ETA).
+
+    The same topology kombu's declare_native_delayed_delivery_exchanges_and_queues and
+    bind_queue_to_native_delayed_delivery_exchange declare when a worker starts, with the same
+    names and arguments: without it a producer's first countdown publish, before any worker
+    has ever run, would go to a `celery_delayed_27` exchange that does not exist yet.
+    """
+    queue_type = getattr(celeryconfig, "broker_native_delayed_delivery_queue_type", "quorum")
+    exchanges, queues, bindings = [], [], []
+    routing_key = "1.#"
+    for level in range(MAX_LEVEL, -1, -1):
+        name = level_name(level)
+        arguments: dict[str, Any] = {
+            "x-queue-type": queue_type,
+            "x-overflow": "reject-publish",
+            "x-message-ttl": 2**level * 1000,
+            "x-dead-letter-exchange": level_name(level - 1)
+            if level > 0
+            else CELERY_DELAYED_DELIVERY_EXCHANGE,
+        }
+        if queue_type == "quorum":
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+        exchanges.append(exchange(name, "topic"))
+        queues.append(queue(name, arguments))
+        bindings.append(binding(name, name, routing_key))
+        routing_key = "*." + routing_key
+    # A message whose bit at this level is 0 skips the level's queue: on to the next exchange.
+    routing_key = "0.#"
+    for level in range(MAX_LEVEL, 0, -1):
+        bindings.append(binding(level_name(level), level_name(level - 1), routing_key, "exchange"))
+        routing_key = "*." + routing_key
+    exchanges.append(exchange(CELERY_DELAYED_DELIVERY_EXCHANGE, "topic"))
+    bindings.append(
+        binding(level_name(0), CELERY_DELAYED_DELIVERY_EXCHANGE, routing_key, "exchange")
+    )
+    # Due messages leave through the delivery exchange to the task exchange and its queues.
+    for task_queue in celeryconfig.task_queues:
+        key = task_queue.routing_key
+        key = key if key.startswith("#") else f"#.{key}"
+        bindings.append(
+            binding(CELERY_DELAYED_DELIVERY_EXCHANGE, task_queue.exchange.name, key, "exchange")
+        )
+        bindings.append(binding(task_queue.exchange.name, task_queue.name, key))
+    return exchanges, queues, bindings
 
 
 def definitions() -> dict[str, Any]:
@@ -142,6 +217,10 @@ def definitions() -> dict[str, Any]:
         binding(celeryconfig.conveyor_dead_letter_exchange, dead_letter, "#"),
         binding(celeryconfig.conveyor_unroutable_exchange, unroutable, ""),
     ]
+    delayed_exchanges, delayed_queues, delayed_bindings = delayed_delivery()
+    exchanges += delayed_exchanges
+    queues += delayed_queues
+    bindings += delayed_bindings
     return {
         "vhosts": [{"name": VHOST}],
         "users": users,

@@ -4,7 +4,7 @@
 # and permissions are updated, existing queues are left as they are.
 #
 #   CONVEYOR_ADMIN_PASSWORD=... CONVEYOR_PRODUCER_PASSWORD=... CONVEYOR_WORKER_PASSWORD=... \
-#   CONVEYOR_MONITOR_PASSWORD=... deploy/rabbitmq/provision.sh [rabbitmqctl arguments, e.g. -n rabbit@host]
+#   CONVEYOR_MONITOR_PASSWORD=... CONVEYOR_EXPORTER_PASSWORD=... deploy/rabbitmq/provision.sh [rabbitmqctl arguments, e.g. -n rabbit@host]
 #
 # Each password may be given as NAME_FILE=path instead. Set DELETE_GUEST=1 to remove guest.
 set -euo pipefail

@@ -237,7 +237,7 @@ def test_rabbitmq_boots_with_the_cluster_nodes_config_and_definitions(
 ) -> None:
     # Given the files a cluster node mounts (conveyor.conf, cluster.conf) and the definitions
     # the one-shot writes, with the definitions path pointed at a private file
-    for role in ("ADMIN", "PRODUCER", "WORKER", "MONITOR"):
+    for role in ("ADMIN", "PRODUCER", "WORKER", "MONITOR", "EXPORTER"):
         monkeypatch.setenv(f"CONVEYOR_{role}_PASSWORD", f"pw-{role.lower()}")
     definitions = tmp_path / "definitions.json"
     done = subprocess.run(

@@ -247,7 +247,7 @@ def test_the_beat_probe_is_compose_healthcheck_and_http_probes_hit_served_ports(
 def test_the_scaled_queues_are_the_queues_the_worker_serves_and_the_broker_defines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for role in ("ADMIN", "PRODUCER", "WORKER", "MONITOR"):
+    for role in ("ADMIN", "PRODUCER", "WORKER", "MONITOR", "EXPORTER"):
         monkeypatch.setenv(f"CONVEYOR_{role}_PASSWORD", f"pw-{role.lower()}")
     sys.path.insert(0, str(ROOT / "deploy" / "rabbitmq"))
     try:

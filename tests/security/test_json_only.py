@@ -6,7 +6,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -86,45 +85,66 @@ def test_a_pickled_result_is_refused_when_read(
     assert not marker.exists()
 
 
+#: An event monitor (as Flower runs one), in its own process: says "ready" once its queue is
+#: bound, and stops at the JSON sentinel event (or after 30 s).
+MONITOR = """
+import sys, threading
+from tasks import app
+sentinel = sys.argv[1]
+seen = []
+def handle(event):
+    seen.append(event)
+    if event.get("sentinel") == sentinel:
+        recv.should_stop = True
+with app.connection_for_read() as conn:
+    recv = app.events.Receiver(conn, handlers={"*": handle})
+    ready = recv.on_consume_ready
+    def on_consume_ready(*args, **kwargs):
+        ready(*args, **kwargs)
+        print("ready", flush=True)
+    recv.on_consume_ready = on_consume_ready
+    threading.Timer(30, setattr, (recv, "should_stop", True)).start()
+    try:
+        recv.capture()
+    except Exception as exc:
+        print("error", type(exc).__name__)
+print("hostile", sum("hostile" in event for event in seen))
+print("sentinel", sum(event.get("sentinel") == sentinel for event in seen))
+"""
+
+
 def test_a_pickled_event_is_refused_by_event_consumers(
     conveyor_app, broker_url: str, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     marker = tmp_path / "unpickled"
-    # Given an event monitor (as Flower runs one), in its own process
-    monitor = (
-        "import threading\n"
-        "from tasks import app\n"
-        "seen = []\n"
-        "with app.connection_for_read() as conn:\n"
-        "    recv = app.events.Receiver(conn, handlers={'*': seen.append})\n"
-        "    threading.Timer(8, setattr, (recv, 'should_stop', True)).start()\n"
-        "    try:\n"
-        "        recv.capture()\n"
-        "    except Exception as exc:\n"
-        "        print(type(exc).__name__)\n"
-        "print('hostile', sum('hostile' in event for event in seen))\n"
-    )
+    sentinel = str(uuid.uuid4())
+    # Given an event monitor that has bound its queue to the event exchange
     env = {**os.environ, "CELERY_BROKER_URL": broker_url}
     process = subprocess.Popen(
-        [sys.executable, "-c", monitor],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(3)  # let the monitor bind its queue
-    # When a pickled event is published on the event exchange
+        [sys.executable, "-c", MONITOR, sentinel],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready", process.communicate(timeout=30)
+    # When a pickled event is published on the event exchange, then a JSON one
     with Connection(broker_url) as connection:
-        Producer(connection).publish(
+        producer = Producer(connection, exchange=Exchange("celeryev", type="topic"))
+        producer.publish(
             pickle.dumps({"type": "task-succeeded", "hostile": CreatesFile(marker)}),
-            exchange=Exchange("celeryev", type="topic"),
             routing_key="task.succeeded",
             content_type="application/x-python-serialize",
             content_encoding="binary",
             serializer=None,
         )
+        producer.publish(
+            {"type": "task-succeeded", "sentinel": sentinel, "hostname": "x", "clock": 1},
+            routing_key="task.succeeded",
+            serializer="json",
+        )
     out, err = process.communicate(timeout=60)
-    # Then the monitor never unpickles it
+    # Then the monitor was listening (it saw the JSON event, after the pickled one) and never
+    # unpickled the pickled one, nor stopped on it
     assert not marker.exists()
-    assert "hostile 0" in out or "ContentDisallowed" in out + err, out + err
+    assert "sentinel 1" in out, out + err
+    assert "hostile 0" in out, out + err
+    assert "error" not in out, out + err

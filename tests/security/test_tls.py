@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -18,10 +20,16 @@ from port_for import get_port
 import celeryconfig
 from tests.infra import ROOT, ManagedRabbitNode, TlsFiles, WorkerProcess
 from tests.monitoring.conftest import FLOWER_PASSWORD, FLOWER_USER, start_flower
+from tests.security.beat import beat_sends_a_task_the_worker_runs
 
 pytestmark = pytest.mark.integration
 
 PRODUCE = "from tests.worker_tasks import add\nprint(add.delay(2, 3).get(timeout=20))\n"
+#: What py-amqp reports when the server drops a connection that did not start with TLS.
+PLAIN_TEXT_REFUSED = re.compile(
+    r"OperationalError: .*"
+    r"(Connection reset by peer|Server unexpectedly closed connection|Socket closed)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +98,25 @@ def test_a_task_round_trip_runs_over_verified_tls(
         done = producer(tls_rabbit.url, result_backend, tls_files.ca)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "5"
+        # And every connection the broker has (the worker's, at least) is a TLS one
+        listed = json.loads(tls_rabbit.ctl("list_connections", "ssl", "--formatter", "json"))
+        assert listed and all(row["ssl"] is True for row in listed), listed
     finally:
         worker.stop()
-    # And the broker saw only TLS connections
-    assert "amqps" in tls_rabbit.url
 
 
 def test_plain_text_is_refused_by_a_tls_only_broker(
     tls_rabbit: ManagedRabbitNode, result_backend: str
 ) -> None:
+    # The node listens for AMQP over TLS only: no plain-text listener at all
+    status = json.loads(tls_rabbit.ctl("status", "--formatter", "json"))
+    protocols = {listener["protocol"] for listener in status["listeners"]}
+    assert "amqp/ssl" in protocols and "amqp" not in protocols, protocols
+    # and a plain-text client speaking AMQP to it is cut off during the handshake
     plain = tls_rabbit.url.replace("amqps://", "amqp://")
     done = producer(plain, result_backend, None)
     assert done.returncode != 0
-    assert "OperationalError" in done.stderr
+    assert PLAIN_TEXT_REFUSED.search(done.stderr), done.stderr[-2000:]
 
 
 def test_a_broker_signed_by_another_ca_fails_with_a_clear_error(
@@ -187,3 +201,95 @@ def test_flower_management_api_options_use_the_broker_ca_and_never_skip_verifica
     assert management_api_tls(False) == {"validate_cert": True}
     with_client = {**amqp_options, "certfile": "/c.pem", "keyfile": "/k.pem"}
     assert management_api_tls(with_client)["client_cert"] == "/c.pem"
+
+
+SNAPSHOT = (
+    "from tasks import app\n"
+    "from workers import queue_stats\n"
+    "snap = queue_stats.snapshot(app)\n"
+    "print(snap.source, ' '.join(sorted(snap.queues)))\n"
+)
+
+
+def test_the_exporter_reads_an_https_management_api_verified_with_the_broker_ca(
+    tls_rabbit: ManagedRabbitNode, tls_files: TlsFiles, result_backend: str, tmp_path: Path
+) -> None:
+    # Given the task queues on a TLS-only broker whose management API is HTTPS only
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": tls_rabbit.url,
+        "CELERY_RESULT_BACKEND": result_backend,
+        "CONVEYOR_BROKER_TLS_CA": str(tls_files.ca),
+        "CONVEYOR_RABBITMQ_API": tls_rabbit.api_url,
+    }
+    subprocess.run([sys.executable, "-c", DECLARE], cwd=ROOT, env=env, check=True, timeout=60)
+    # When the exporter's queue reader asks it, trusting the broker's CA
+    done = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    # Then the figures come from the management API, for every task queue
+    assert done.returncode == 0, done.stderr
+    source, *queues = done.stdout.split()
+    assert source == "management"
+    assert set(celeryconfig.conveyor_queue_names) <= set(queues)
+    # And with another CA the same call fails verification instead of trusting the API
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    done = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT], cwd=ROOT,
+        env={**env, "CONVEYOR_BROKER_TLS_CA": str(other)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in done.stderr
+
+
+def test_the_management_api_context_verifies_and_sends_the_client_certificate(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    from workers.queue_stats import management_api_context
+
+    client = ca.issue_cert("conveyor-client")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    context = management_api_context(
+        {
+            "ca_certs": str(tmp_path / "ca.pem"),
+            "certfile": str(tmp_path / "client.pem"),
+            "keyfile": str(tmp_path / "client.key"),
+        }
+    )
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    # Only the private CA is trusted (the system store is not added to it)
+    (trusted,) = context.get_ca_certs()
+    assert trusted["subject"] == trusted["issuer"]
+    # A plain-text broker still verifies an https:// API, against the system store
+    assert management_api_context(False).verify_mode == ssl.CERT_REQUIRED
+    # A client key that does not match its certificate is an error, not ignored
+    with pytest.raises(ssl.SSLError):
+        management_api_context(
+            {"certfile": str(tmp_path / "client.pem"), "keyfile": str(tmp_path / "ca.pem")}
+        )
+
+
+def test_beat_sends_its_tasks_over_verified_tls(
+    tls_rabbit: ManagedRabbitNode,
+    tls_files: TlsFiles,
+    result_backend: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    tls = {"CONVEYOR_BROKER_TLS_CA": str(tls_files.ca)}
+    worker = WorkerProcess(
+        broker_url=tls_rabbit.url,
+        result_backend=result_backend,
+        workdir=tmp_path,
+        name="tls-beat-worker",
+        env=tls,
+    ).start()
+    try:
+        beat_sends_a_task_the_worker_runs(worker, tls_rabbit.url, redis_url, tmp_path / "beat", tls)
+    finally:
+        worker.stop()

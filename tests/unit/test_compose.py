@@ -16,6 +16,7 @@ REQUIRED = {
     "CONVEYOR_PRODUCER_PASSWORD": "pw-producer",
     "CONVEYOR_WORKER_PASSWORD": "pw-worker",
     "CONVEYOR_MONITOR_PASSWORD": "pw-monitor",
+    "CONVEYOR_EXPORTER_PASSWORD": "pw-exporter",
     "REDIS_PASSWORD": "pw-redis",
     "FLOWER_BASIC_AUTH": "a:b",
 }
@@ -91,7 +92,7 @@ def test_each_service_uses_its_broker_role() -> None:
         "worker_priority": "conveyor-worker",
         "beat": "conveyor-worker",
         "flower": "conveyor-monitor",
-        "exporter": "conveyor-monitor",
+        "exporter": "conveyor-exporter",
     }
 
 
