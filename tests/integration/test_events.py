@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from tests import worker_tasks
-from tests.infra import WorkerProcess, wait_for
-from workers.events import sent_event_dispatcher
+from tests.chaos.conftest import pointed_at
+from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
+from workers.events import sent_event_dispatcher, sent_events
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +26,12 @@ TASK_EVENTS = ("task-sent", "task-received", "task-started", "task-succeeded")
 @pytest.fixture
 def monitor(conveyor_app: Celery) -> Iterator[list[dict[str, Any]]]:
     """Every event on the broker's event exchange, captured as Flower and the exporter do."""
+    with capture_events(conveyor_app) as seen:
+        yield seen
+
+
+@contextmanager
+def capture_events(conveyor_app: Celery) -> Iterator[list[dict[str, Any]]]:
     seen: list[dict[str, Any]] = []
     ready = threading.Event()
     with conveyor_app.connection_for_read() as connection:
@@ -103,3 +113,41 @@ def test_a_lone_task_sent_event_goes_out_within_the_flush_interval(
     )
     assert time.monotonic() - sent_at < 2.0
     conveyor_app.control.purge()
+
+
+def test_task_sent_events_resume_after_the_broker_restarts(
+    conveyor_app: Celery, tmp_path: Path
+) -> None:
+    # Given a producer sending to a node of its own, which then restarts
+    node = ChaosRabbitNode(tmp_path / "rabbit").start()
+    try:
+        with pointed_at(conveyor_app, node.url):
+            worker_tasks.add.delay(1, 1)
+            sent_events(conveyor_app).flush()
+            node.stop_app()
+            node.start_app()
+            # As any producer would, retry until a publish goes through on a new connection.
+            wait_for(lambda: published(worker_tasks.add), 60, what="a publish after the restart")
+
+            # When a task is sent after the restart, with a monitor listening on the new node
+            with capture_events(conveyor_app) as monitor:
+                task_id = worker_tasks.add.delay(2, 2).id
+
+                # Then its task-sent event reaches the monitor: the event connection recovered
+                wait_for(
+                    lambda: any(
+                        e["type"] == "task-sent" and e["uuid"] == task_id for e in list(monitor)
+                    ),
+                    10,
+                    what="the task-sent event sent after the restart",
+                )
+    finally:
+        node.stop()
+
+
+def published(task: Any) -> bool:
+    try:
+        task.delay(0, 0)
+    except OperationalError:
+        return False
+    return True
