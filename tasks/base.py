@@ -58,14 +58,19 @@ class ArgumentsTooLarge(ValueError):
     """The serialized arguments exceed conveyor_max_argument_bytes: pass an id, not the data."""
 
 
+def argument_size(args: Any, kwargs: Any) -> int | None:
+    """Bytes of args + kwargs as compact JSON; None when they do not serialize (Celery's own
+    encoder then fails with its clearer message)."""
+    try:
+        return len(json.dumps([args or (), kwargs or {}], separators=(",", ":"), default=str))
+    except (TypeError, ValueError):
+        return None
+
+
 def check_argument_size(args: Any, kwargs: Any, limit: int) -> None:
     """Raise ArgumentsTooLarge when args + kwargs serialize to more than `limit` bytes."""
-    try:
-        size = len(json.dumps([args or (), kwargs or {}], separators=(",", ":"), default=str))
-    except (TypeError, ValueError):
-        # Unserializable arguments fail in Celery's own encoder with its clearer message.
-        return
-    if size > limit:
+    size = argument_size(args, kwargs)
+    if size is not None and size > limit:
         raise ArgumentsTooLarge(
             f"task arguments serialize to {size} bytes; the limit is {limit} "
             "(conveyor_max_argument_bytes). Store the data elsewhere and pass its id."

@@ -22,7 +22,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from tasks.base import ArgumentsTooLarge
+from tasks.base import ArgumentsTooLarge, argument_size
 from tasks.batch import codec, handlers
 from tasks.batch.publisher import ConfirmedPublisher
 from tasks.batch.runner import describe
@@ -167,8 +167,8 @@ def _chunk_args(
 
 def _too_large(args: list[Any], items: int, limit: int) -> ArgumentsTooLarge | None:
     """The error for a chunk message over `limit` bytes, measured as tasks.base measures it."""
-    size = len(json.dumps([args, {}], separators=(",", ":"), default=str))
-    if size <= limit:
+    size = argument_size(args, {})
+    if size is None or size <= limit:
         return None
     return ArgumentsTooLarge(
         f"chunk {args[2]} ({items} items) encodes to {size} bytes, over the limit of {limit} "

@@ -56,7 +56,7 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
         self.app.send_task(name, args=[batch_id], task_id=task_id)
 
     # A claim outlives a holder that died before sending by this long (the idempotency lease).
-    lease = float(self.app.conf.get("conveyor_idempotency_lease", 60.0))
+    lease = float(self.app.conf.conveyor_idempotency_lease)
     try:
         state = runner.run_finalize(
             store_for(self.app), batch_id, attempt, send_callback, lease=lease
