@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from workers.queue_stats import broker_tls_files
+
 #: Host names that resolve to loopback on every machine Conveyor supports.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -93,13 +95,12 @@ def management_api_tls(broker_use_ssl: object) -> dict[str, object]:
     keys the broker connection itself uses: one CA and client certificate for both. Verification
     is never turned off here.
     """
+    ca, client = broker_tls_files(broker_use_ssl)
     options: dict[str, object] = {"validate_cert": True}
-    if isinstance(broker_use_ssl, dict):
-        if broker_use_ssl.get("ca_certs"):
-            options["ca_certs"] = broker_use_ssl["ca_certs"]
-        if broker_use_ssl.get("certfile") and broker_use_ssl.get("keyfile"):
-            options["client_cert"] = broker_use_ssl["certfile"]
-            options["client_key"] = broker_use_ssl["keyfile"]
+    if ca is not None:
+        options["ca_certs"] = ca
+    if client is not None:
+        options["client_cert"], options["client_key"] = client
     return options
 
 

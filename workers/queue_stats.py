@@ -73,11 +73,19 @@ def management_api_context(broker_use_ssl: object) -> ssl.SSLContext:
     Without a CA in `broker_use_ssl` the system's trust store verifies it. Verification and
     host-name checks are never turned off.
     """
-    options = broker_use_ssl if isinstance(broker_use_ssl, dict) else {}
-    context = ssl.create_default_context(cafile=options.get("ca_certs") or None)
-    if options.get("certfile") and options.get("keyfile"):
-        context.load_cert_chain(options["certfile"], options["keyfile"])
+    ca, client = broker_tls_files(broker_use_ssl)
+    context = ssl.create_default_context(cafile=ca)
+    if client is not None:
+        context.load_cert_chain(*client)
     return context
+
+
+def broker_tls_files(broker_use_ssl: object) -> tuple[str | None, tuple[str, str] | None]:
+    """The amqps:// connection's CA file and client (certificate, key), from py-amqp's keys in
+    `broker_use_ssl`: every client of the management API verifies it with the same ones."""
+    options = broker_use_ssl if isinstance(broker_use_ssl, dict) else {}
+    cert, key = options.get("certfile"), options.get("keyfile")
+    return options.get("ca_certs") or None, (cert, key) if cert and key else None
 
 
 def from_management_api(
