@@ -15,6 +15,8 @@ WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py flowerconfig.py ./
 COPY tasks ./tasks
 COPY workers ./workers
+COPY core ./core
+COPY monitoring ./monitoring
 COPY deploy/rabbitmq/definitions.py ./deploy/rabbitmq/definitions.py
 RUN pip install .
 

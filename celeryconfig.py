@@ -64,9 +64,9 @@ broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
 #: Celery's Redis backend subscribes to every task's result channel inside apply_async, read or
 #: not: a Redis command per delay() and subscriptions that pile up in a long-lived producer.
-#: This subclass subscribes when the caller waits (AsyncResult.get); see workers/results.py.
+#: This subclass subscribes when the caller waits (AsyncResult.get); see core/results.py.
 #: "" selects Celery's own class for result_backend's URL.
-conveyor_result_backend_class = "workers.results:RedisBackend"
+conveyor_result_backend_class = "core.results:RedisBackend"
 
 # --- RabbitMQ cluster: failover and replication (docs/scaling.md) ------------------------------
 #: CELERY_BROKER_URL may list every node of a cluster, separated by ";". kombu always connects
@@ -90,7 +90,7 @@ broker_failover_strategy = "round-robin"
 conveyor_quorum_group_size = int(os.environ.get("CONVEYOR_QUORUM_GROUP_SIZE", "0"))
 #: Celery's consumer with workers/failover.py's delayed-delivery step (the stock step retries
 #: every URL of the list, dead nodes included, for 9 s each on every reconnection) and
-#: workers/events.py's event connection without publisher confirms (see the events section).
+#: core/events.py's event connection without publisher confirms (see the events section).
 worker_consumer = "workers.failover:Consumer"
 
 # --- TLS to the broker ------------------------------------------------------------------------
@@ -261,7 +261,7 @@ worker_send_task_events = True
 task_send_sent_event = True
 #: Events are transient, so their connections skip publisher confirms; task messages keep
 #: them. Each confirmed event cost a broker round trip: one more per delay(), three per task
-#: in the worker's main loop (docs/performance.md, workers/events.py). The worker's side is
+#: in the worker's main loop (docs/performance.md, core/events.py). The worker's side is
 #: in its consumer class, worker_consumer (cluster section: workers.failover builds on it).
 #: Beat answers `celery inspect ping` as celerybeat@<host>, which its healthcheck uses.
 beat_enable_remote_control = True
@@ -328,14 +328,14 @@ conveyor_batch_item_backoff = 0.2
 #: delayed counts. Unset, they read ready messages and consumers with passive queue declares.
 conveyor_rabbitmq_api = _optional_secret("CONVEYOR_RABBITMQ_API")
 #: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
-#: A metrics factory takes the app and returns a prometheus_client Collector (workers/metrics.py);
-#: an overview section takes the app and returns (title, rows) (workers/overview.py).
+#: A metrics factory takes the app and returns a prometheus_client Collector (monitoring/exporter/);
+#: an overview section takes the app and returns (title, rows) (monitoring/overview.py).
 conveyor_metrics_collectors: list[str] = [
-    "tasks.batch.monitoring:collector",
+    "monitoring.batch:collector",
     "tasks.schedule.monitoring:collector",
 ]
 conveyor_overview_sections: list[str] = [
-    "tasks.batch.monitoring:overview_section",
+    "monitoring.batch:overview_section",
     "tasks.schedule.monitoring:overview_section",
 ]
 

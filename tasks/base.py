@@ -17,9 +17,9 @@ import redis.exceptions
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 
+from core.events import sent_events
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
 from tasks.schedule import overlap
-from workers.events import sent_events
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
@@ -278,7 +278,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         if self.app.conf.task_send_sent_event:
             # The task-sent event off the task's confirmed channel and off the caller's path:
             # buffered, sent as a list at most conveyor_sent_event_interval later
-            # (workers/events.py).
+            # (core/events.py).
             options.setdefault("event_dispatcher", sent_events(self.app))
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options

@@ -8,13 +8,13 @@ from celery import Celery
 def install(app: Celery) -> None:
     """Attach Conveyor's worker hooks to `app`; called once by tasks.celery_app."""
     # Imported here so that `python -m workers.health` does not import itself twice.
+    from core import redaction
     from workers import (
         bad_input,
         cancellation,
         dead_letter,
         health,
         logs,
-        redaction,
         shutdown,
         tracing,
     )

@@ -11,7 +11,7 @@ type such as pickle, malformed protocol fields) are counted and logged through i
 Every rejection writes one line ``message rejected reason=<reason> total=<n>``, the totals
 per reason answer ``celery -A tasks inspect conveyor_rejections``, and a ``conveyor-rejected``
 event (reason, queue) goes out with the task events, which the exporter counts as
-``conveyor_messages_rejected_total`` (workers/metrics.py).
+``conveyor_messages_rejected_total`` (monitoring/exporter/).
 
 The step also declares the alternate exchange of the task exchange and its queue, so a message
 published to ``conveyor`` with a routing key that matches no queue is kept, not dropped.

@@ -28,7 +28,7 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-from workers import events
+from core import events
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _connection_error(
 
 class Consumer(events.Consumer):
     """The worker's consumer (worker_consumer): `ClusterDelayedDelivery` in place of the stock
-    step, on top of workers/events.py's consumer, whose event connection skips confirms."""
+    step, on top of core/events.py's consumer, whose event connection skips confirms."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[valid-type,misc]
         default_steps: ClassVar[list[str]] = [

@@ -15,7 +15,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from workers.events import sent_events
+from core.events import sent_events
 
 
 class PublishError(Exception):

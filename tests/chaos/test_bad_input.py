@@ -25,12 +25,12 @@ from celery import signals
 from kombu import Connection, Producer
 from prometheus_client import CollectorRegistry
 
+from monitoring.exporter.events import TaskEvents
 from tasks.base import ArgumentsTooLarge
 from tasks.deadletter import store
 from tests import worker_tasks
 from tests.chaos.conftest import CHAOS_MAX_MESSAGE_BYTES
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
-from workers.metrics import TaskEvents
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 

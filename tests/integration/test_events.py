@@ -13,10 +13,10 @@ import pytest
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from core.events import sent_event_dispatcher, sent_events
 from tests import worker_tasks
 from tests.chaos.conftest import pointed_at
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
-from workers.events import sent_event_dispatcher, sent_events
 
 pytestmark = pytest.mark.integration
 

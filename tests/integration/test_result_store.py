@@ -10,7 +10,7 @@ import pytest
 import redis
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 
-from workers.results import RedisBackend
+from core.results import RedisBackend
 
 pytestmark = pytest.mark.integration
 

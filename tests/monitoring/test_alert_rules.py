@@ -97,4 +97,4 @@ def test_the_dashboard_and_alerts_name_only_metrics_that_are_exported() -> None:
         if name in EXTENSION_METRICS:
             continue
         base = name.removesuffix("_total")
-        assert f'"{base}"' in source, f"{name} is not defined in workers/metrics.py"
+        assert f'"{base}"' in source, f"{name} is not defined in monitoring/exporter/"

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from monitoring import queue_stats
+from monitoring.exporter.collector import build_registry
 from tests.infra import ROOT, ManagedRabbitNode, WorkerProcess, wait_for
 from tests.monitoring.conftest import OtlpCollector, families, sample, scrape
 from tests.monitoring.test_alert_rules import (
@@ -19,8 +21,6 @@ from tests.monitoring.test_alert_rules import (
     conveyor_metric_names,
     dashboard_expressions,
 )
-from workers import queue_stats
-from workers.metrics import build_registry
 
 pytestmark = pytest.mark.integration
 

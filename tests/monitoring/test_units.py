@@ -12,10 +12,10 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitoring.exporter.events import TaskEvents, _exception_type
+from monitoring.flower import access_problem, is_loopback
 from tests.infra import ROOT
 from workers import logs
-from workers.flower import access_problem, is_loopback
-from workers.metrics import TaskEvents, _exception_type
 
 
 # --- Flower's guard ------------------------------------------------------------------------

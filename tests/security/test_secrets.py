@@ -113,7 +113,7 @@ def test_secret_settings_can_come_from_files_with_the_same_checks(
 def test_flower_secrets_can_come_from_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.flower import apply_secret_files
+    from monitoring.flower import apply_secret_files
 
     (tmp_path / "api").write_text("http://mon:pw@rabbitmq:15672/api/\n")
     (tmp_path / "auth").write_text("ops:pw1,dev:pw2")

@@ -194,7 +194,7 @@ def test_flower_reads_the_management_api_over_https_verified_with_the_broker_ca(
 
 
 def test_flower_management_api_options_use_the_broker_ca_and_never_skip_verification() -> None:
-    from workers.flower import management_api_tls
+    from monitoring.flower import management_api_tls
 
     amqp_options = {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": "/ca.pem", "certfile": None}
     assert management_api_tls(amqp_options) == {"validate_cert": True, "ca_certs": "/ca.pem"}
@@ -205,7 +205,7 @@ def test_flower_management_api_options_use_the_broker_ca_and_never_skip_verifica
 
 SNAPSHOT = (
     "from tasks import app\n"
-    "from workers import queue_stats\n"
+    "from monitoring import queue_stats\n"
     "snap = queue_stats.snapshot(app)\n"
     "print(snap.source, ' '.join(sorted(snap.queues)))\n"
 )
@@ -248,7 +248,7 @@ def test_the_exporter_reads_an_https_management_api_verified_with_the_broker_ca(
 def test_the_management_api_context_verifies_and_sends_the_client_certificate(
     ca: trustme.CA, tmp_path: Path
 ) -> None:
-    from workers.queue_stats import management_api_context
+    from monitoring.queue_stats import management_api_context
 
     client = ca.issue_cert("conveyor-client")
     client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))

@@ -9,8 +9,8 @@ import pytest
 from celery import Celery
 from celery.utils.imports import symbol_by_name
 
+from core import events
 from tasks import app
-from workers import events
 
 
 def test_the_worker_uses_the_consumer_whose_event_connection_is_unconfirmed() -> None:

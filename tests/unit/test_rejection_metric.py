@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitoring.exporter.events import TaskEvents
 from workers import bad_input
-from workers.metrics import TaskEvents
 
 
 class _Message:

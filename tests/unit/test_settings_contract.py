@@ -86,7 +86,7 @@ def test_an_empty_broker_url_is_an_error_not_a_fallback() -> None:
 def test_results_use_the_backend_that_subscribes_only_when_waited_on() -> None:
     from urllib.parse import urlsplit
 
-    from workers.results import RedisBackend
+    from core.results import RedisBackend
 
     backend = app.backend
     assert type(backend) is RedisBackend

@@ -16,7 +16,7 @@ from celery import Celery
 from celery.bin.base import CeleryCommand
 from kombu.utils.imports import symbol_by_name
 
-from workers import queue_stats
+from monitoring import queue_stats
 
 
 def collect(app: Celery, *, timeout: float, api_url: str | None) -> dict[str, Any]:

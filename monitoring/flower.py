@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from workers.queue_stats import broker_tls_files
+from monitoring.queue_stats import broker_tls_files
 
 #: Host names that resolve to loopback on every machine Conveyor supports.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})

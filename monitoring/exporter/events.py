@@ -1,15 +1,4 @@
-"""Prometheus exporter for what Flower does not show: `celery -A tasks exporter`.
-
-It is its own process (compose service ``exporter``) and combines two sources:
-- the broker, read at every scrape (workers/queue_stats.py): depth (ready, unacked) and
-  consumers per task queue, the dead-letter queue and the delayed-delivery queues;
-- the Celery event stream, consumed by a thread: how long tasks wait between being sent and
-  being started, the oldest task still waiting per queue, retries and failures per task.
-
-Other parts of Conveyor add their own metrics (batch progress, last run per schedule entry)
-without touching this module: ``conveyor_metrics_collectors`` lists ``"module:factory"`` paths;
-each factory is called with the app and returns a prometheus_client Collector.
-"""
+"""The exporter's event state machine: waits, retries and failures from Celery's event stream."""
 
 from __future__ import annotations
 
@@ -17,21 +6,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import click
 from celery import Celery
-from celery.bin.base import CeleryCommand
-from kombu.utils.imports import symbol_by_name
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from workers import queue_stats
 from workers.bad_input import REJECTED_EVENT
 
 logger = logging.getLogger(__name__)
@@ -261,127 +242,3 @@ def _stop_with(receiver: Any, stop: threading.Event) -> None:
         receiver.should_stop = stop.is_set()
 
     receiver.on_iteration = on_iteration
-
-
-class BrokerCollector(Collector):
-    """Queue figures read from RabbitMQ at each scrape."""
-
-    def __init__(self, app: Celery, events: TaskEvents | None, api_url: str | None) -> None:
-        self.app = app
-        self.events = events
-        self.api_url = api_url
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("conveyor_broker_up", "1 when the last queue read succeeded.")
-        ready = GaugeMetricFamily(
-            "conveyor_queue_messages_ready", "Messages waiting for a consumer.", labels=["queue"]
-        )
-        unacked = GaugeMetricFamily(
-            "conveyor_queue_messages_unacked",
-            "Messages delivered to a worker and not yet acknowledged (management API only).",
-            labels=["queue"],
-        )
-        consumers = GaugeMetricFamily(
-            "conveyor_queue_consumers", "Consumers (worker processes' channels).", labels=["queue"]
-        )
-        dead = GaugeMetricFamily(
-            "conveyor_dead_letter_messages", "Messages in the dead-letter queue."
-        )
-        delayed = GaugeMetricFamily(
-            "conveyor_delayed_messages",
-            "Countdown/ETA messages held in celery_delayed_* (management API only).",
-        )
-        observed_at = time.time()
-        try:
-            snap = queue_stats.snapshot(self.app, self.api_url)
-        except Exception as exc:
-            logger.warning("reading queue figures failed: %r", exc)
-            up.add_metric([], 0)
-            yield up
-            yield from self._waiting(observed_at)
-            return
-        up.add_metric([], 1)
-        dlq = self.app.conf.conveyor_dead_letter_queue
-        for name, stats in snap.queues.items():
-            ready.add_metric([name], stats.ready)
-            consumers.add_metric([name], stats.consumers)
-            if stats.unacked is not None:
-                unacked.add_metric([name], stats.unacked)
-            if name == dlq:
-                dead.add_metric([], stats.ready + (stats.unacked or 0))
-            elif stats.ready == 0 and self.events is not None:
-                self.events.nothing_ready_in(name, observed_at)
-        if snap.delayed is not None:
-            delayed.add_metric([], snap.delayed)
-        yield from (up, ready, consumers, dead)
-        if snap.source == "management":
-            yield from (unacked, delayed)
-        yield from self._waiting(observed_at)
-
-    def _waiting(self, now: float) -> Iterable[Metric]:
-        if self.events is None:
-            return
-        count = GaugeMetricFamily(
-            "conveyor_tasks_waiting",
-            "Tasks sent and due but not yet started, by queue (from events).",
-            labels=["queue"],
-        )
-        oldest = GaugeMetricFamily(
-            "conveyor_oldest_waiting_task_age_seconds",
-            "Age of the oldest task sent and due but not yet started, by queue (from events).",
-            labels=["queue"],
-        )
-        waiting = self.events.waiting_by_queue(now)
-        for name in queue_stats.monitored_queues(self.app):
-            tasks, age = waiting.get(name, (0, 0.0))
-            count.add_metric([name], tasks)
-            oldest.add_metric([name], age)
-        yield count
-        yield oldest
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # collected at scrape time only; nothing to read at registration
-
-
-def build_registry(
-    app: Celery, api_url: str | None, *, with_events: bool = True
-) -> tuple[CollectorRegistry, TaskEvents | None]:
-    """The exporter's registry: broker figures, event figures and the configured extensions."""
-    registry = CollectorRegistry()
-    events = TaskEvents(registry) if with_events else None
-    registry.register(BrokerCollector(app, events, api_url))
-    for path in app.conf.get("conveyor_metrics_collectors") or ():
-        registry.register(symbol_by_name(path)(app))
-    return registry, events
-
-
-@click.command(cls=CeleryCommand)
-@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=9808, show_default=True, help="Port of /metrics.")
-@click.option(
-    "--rabbitmq-api",
-    envvar="CONVEYOR_RABBITMQ_API",
-    default=None,
-    help="RabbitMQ management API, e.g. http://user:pw@rabbitmq:15672/api/ "
-    "(adds unacked and delayed counts). Default: conveyor_rabbitmq_api.",
-)
-@click.pass_context
-def exporter(ctx: click.Context, address: str, port: int, rabbitmq_api: str | None) -> None:
-    """Serve Conveyor's Prometheus metrics (queues, dead letters, waits, failures)."""
-    app: Celery = ctx.obj.app
-    registry, events = build_registry(app, rabbitmq_api or app.conf.get("conveyor_rabbitmq_api"))
-    stop = threading.Event()
-    assert events is not None
-    thread = threading.Thread(
-        target=events.consume_forever, args=(app, stop), name="events", daemon=True
-    )
-    thread.start()
-    server, _ = start_http_server(port, addr=address, registry=registry)
-    logger.info("exporter serving http://%s:%s/metrics", address, server.server_port)
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop.set()
-        server.shutdown()
