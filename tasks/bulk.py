@@ -19,7 +19,7 @@ from typing import Any
 
 from celery.utils import uuid
 
-from tasks.batch.publisher import ConfirmedPublisher
+from core.publisher import ConfirmedPublisher
 
 
 class BulkEnqueueError(Exception):

@@ -22,9 +22,9 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from core.publisher import ConfirmedPublisher
 from tasks.base import ArgumentsTooLarge, argument_size
 from tasks.batch import codec, handlers
-from tasks.batch.publisher import ConfirmedPublisher
 from tasks.batch.runner import describe
 from tasks.batch.store import FINAL_STATES, BatchStore, Status, store_for
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from core.publisher import ConfirmedPublisher
 from tasks.batch import api, runner
-from tasks.batch.publisher import ConfirmedPublisher
 from tasks.batch.store import store_for
 from tests.infra import RabbitNode, require
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasks.batch.publisher import ConfirmedPublisher
+from core.publisher import ConfirmedPublisher
 from tests import worker_tasks
 
 pytestmark = pytest.mark.integration
