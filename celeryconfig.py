@@ -1,67 +1,34 @@
 """Every Celery setting Conveyor uses, with the reason for each non-obvious value.
 
 Any plain setting can be overridden from the environment as ``CELERY_<NAME>`` (for example
-``CELERY_WORKER_CONCURRENCY=4`` or ``CELERY_TASK_TIME_LIMIT=600``); values are parsed as JSON
-when they parse, otherwise taken as strings. The broker and result-backend URLs have their own
-variables below. See docs/configuration.md for the table.
+``CELERY_WORKER_CONCURRENCY=4`` or ``CELERY_TASK_TIME_LIMIT=600``); the value is parsed to the
+setting's type and refused when it does not fit. Some settings have variables of their own,
+read where they are set. The overrides are applied before the settings derived from others
+(queues, TLS, the broker list) are computed, at the end: define new settings above that
+section. The machinery is core/config.py; docs/configuration.md has the table.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import ssl
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
-
-def _secret(name: str, default: str) -> str:
-    """NAME from the environment, or the contents of the file that NAME_FILE names.
-
-    The file form is the Docker/Kubernetes secrets convention: the value never sits in the
-    process environment, where `docker inspect` and crash reports would show it.
-    """
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        if name in os.environ:
-            raise RuntimeError(f"set {name} or {name}_FILE, not both")
-        value = _secret_file(name, path)
-    else:
-        value = os.environ.get(name, default)
-    if not value.strip():
-        # An empty URL must not silently become something else (Celery would fall back to
-        # its own defaults, and some projects fall back to eager mode). Fail at import.
-        raise RuntimeError(f"{name} is set but empty; give a URL or unset it for the default")
-    return value
-
-
-def _secret_file(name: str, path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise RuntimeError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
-
-
-def _optional_secret(name: str) -> str | None:
-    """Like _secret, for a value that may be absent: None when NAME and NAME_FILE are unset.
-
-    An empty NAME counts as unset (compose passes optional variables as empty strings).
-    """
-    path = os.environ.get(f"{name}_FILE")
-    if not path:
-        return os.environ.get(name) or None
-    if os.environ.get(name):
-        raise RuntimeError(f"set {name} or {name}_FILE, not both")
-    return _secret_file(name, path) or None
-
+from core.config import (
+    DEFAULT_BROKER_URL,
+    ConfigurationError,
+    apply_overrides,
+    broker_tls,
+    broker_urls,
+    env,
+    optional_secret,
+    secret,
+)
 
 # --- Broker and result backend -------------------------------------------------------------
-broker_url = _secret("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-result_backend = _secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+#: Unset, a local RabbitMQ's guest user on vhost "/": tasks/celery_app.py logs a line saying so.
+broker_url = secret("CELERY_BROKER_URL", DEFAULT_BROKER_URL)
+result_backend = secret("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/0")
 #: Celery's Redis backend subscribes to every task's result channel inside apply_async, read or
 #: not: a Redis command per delay() and subscriptions that pile up in a long-lived producer.
 #: This subclass subscribes when the caller waits (AsyncResult.get); see core/results.py.
@@ -71,15 +38,9 @@ conveyor_result_backend_class = "core.results:RedisBackend"
 # --- RabbitMQ cluster: failover and replication (docs/scaling.md) ------------------------------
 #: CELERY_BROKER_URL may list every node of a cluster, separated by ";". kombu always connects
 #: to the first URL first, so every client would crowd onto the first node. Each process takes
-#: the nodes in its own random order instead (false keeps the order given).
-conveyor_broker_shuffle = os.environ.get("CONVEYOR_BROKER_SHUFFLE", "true").lower() == "true"
-conveyor_broker_urls = [url.strip() for url in broker_url.split(";") if url.strip()]
-if conveyor_broker_shuffle and len(conveyor_broker_urls) > 1:
-    random.shuffle(conveyor_broker_urls)
-    broker_url = ";".join(conveyor_broker_urls)
-    if "CELERY_BROKER_URL" in os.environ:
-        # Celery reads this variable in preference to the broker_url setting.
-        os.environ["CELERY_BROKER_URL"] = broker_url
+#: the nodes in its own random order instead (false keeps the order given); see
+#: broker_read_url below.
+conveyor_broker_shuffle: bool = env("CONVEYOR_BROKER_SHUFFLE", True)
 #: After losing its node a client tries each other node once, in its own order, before coming
 #: back to the dead one (kombu's "shuffle" draws with replacement and may pick it again).
 broker_failover_strategy = "round-robin"
@@ -87,7 +48,7 @@ broker_failover_strategy = "round-robin"
 #: one on every cluster node, right for 3 or 5 nodes. Larger clusters set 3 or 5. RabbitMQ
 #: checks it on every declaration, so every producer, worker and provisioning run must use the
 #: same value, and changing it means new queues.
-conveyor_quorum_group_size = int(os.environ.get("CONVEYOR_QUORUM_GROUP_SIZE", "0"))
+conveyor_quorum_group_size: int = env("CONVEYOR_QUORUM_GROUP_SIZE", 0)
 #: Celery's consumer with workers/failover.py's delayed-delivery step (the stock step retries
 #: every URL of the list, dead nodes included, for 9 s each on every reconnection) and
 #: core/events.py's event connection without publisher confirms (see the events section).
@@ -95,21 +56,11 @@ worker_consumer = "workers.failover:Consumer"
 
 # --- TLS to the broker ------------------------------------------------------------------------
 #: With an amqps:// URL the broker's certificate is always verified, against this CA bundle
-#: (the system's trust store when unset), and its name checked against the URL's host.
-#: A client certificate is sent when CONVEYOR_BROKER_TLS_CERT/KEY are set.
-broker_use_ssl: dict[str, Any] | bool = False
-if urlsplit(broker_url).scheme == "amqps":
-    broker_use_ssl = {
-        "cert_reqs": ssl.CERT_REQUIRED,
-        # With a cluster's URL list this is the first node's name for every connection of the
-        # process, so each node's certificate must carry every node's name (docs/scaling.md).
-        "server_hostname": urlsplit(broker_url).hostname,
-        # py-amqp loads no trust store by itself: default to the system's bundle.
-        "ca_certs": os.environ.get("CONVEYOR_BROKER_TLS_CA")
-        or ssl.get_default_verify_paths().openssl_cafile,
-        "certfile": os.environ.get("CONVEYOR_BROKER_TLS_CERT") or None,
-        "keyfile": os.environ.get("CONVEYOR_BROKER_TLS_KEY") or None,
-    }
+#: (the system's trust store when unset), and its name checked against the URL's host
+#: (broker_use_ssl, derived below). A client certificate is sent when the last two are set.
+conveyor_broker_tls_ca: str | None = env("CONVEYOR_BROKER_TLS_CA", None)
+conveyor_broker_tls_cert: str | None = env("CONVEYOR_BROKER_TLS_CERT", None)
+conveyor_broker_tls_key: str | None = env("CONVEYOR_BROKER_TLS_KEY", None)
 
 #: Never run tasks in the calling process: a missing broker must be an error, not a fallback.
 task_always_eager = False
@@ -144,7 +95,7 @@ task_track_started = True
 #: Deliveries before RabbitMQ dead-letters a message. RabbitMQ 3.10 quorum queues have no
 #: default limit, so a task that kills its process would loop forever. Broker restarts and
 #: lost connections also count, so this leaves room for a few of those before poison.
-conveyor_delivery_limit = int(os.environ.get("CONVEYOR_DELIVERY_LIMIT", "10"))
+conveyor_delivery_limit: int = env("CONVEYOR_DELIVERY_LIMIT", 10)
 conveyor_task_exchange = "conveyor"
 conveyor_dead_letter_exchange = "conveyor.dlx"
 conveyor_dead_letter_queue = "conveyor.dead_letter"
@@ -157,31 +108,8 @@ conveyor_queue_names = ("default", "batch", "scheduled", "priority")
 #: declares the exchange and its queue.
 conveyor_unroutable_exchange = "conveyor.unroutable"
 conveyor_unroutable_queue = "conveyor.unroutable"
-_task_exchange = Exchange(
-    conveyor_task_exchange,
-    type="topic",
-    durable=True,
-    arguments={"alternate-exchange": conveyor_unroutable_exchange},
-)
-_queue_arguments: dict[str, Any] = {
-    "x-queue-type": "quorum",
-    "x-delivery-limit": conveyor_delivery_limit,
-    "x-dead-letter-exchange": conveyor_dead_letter_exchange,
-    # At-least-once dead-lettering (3.10+): the broker keeps a message until the dead-letter
-    # queue has confirmed it, instead of dropping it if that hop fails. It requires
-    # reject-publish overflow; no max-length is set, so nothing is rejected for length.
-    "x-dead-letter-strategy": "at-least-once",
-    "x-overflow": "reject-publish",
-}
-if conveyor_quorum_group_size:
-    _queue_arguments["x-quorum-initial-group-size"] = conveyor_quorum_group_size
-task_queues = tuple(
-    Queue(name, _task_exchange, routing_key=name, queue_arguments=_queue_arguments, durable=True)
-    for name in conveyor_queue_names
-)
 task_default_queue = "default"
 task_default_routing_key = "default"
-task_default_exchange = conveyor_task_exchange
 #: Topic, not Celery's default direct: native delayed delivery (countdown/ETA held by the
 #: broker in celery_delayed_* queues, never by the worker) only works with non-direct exchanges.
 task_default_exchange_type = "topic"
@@ -209,12 +137,12 @@ task_publish_retry_policy = {
 }
 #: Seconds a publish may wait for a socket write and for the broker's confirm
 #: (memory/disk alarms block publishers: celery#2689). Applied by tasks.base.Task.
-conveyor_publish_timeout = float(os.environ.get("CONVEYOR_PUBLISH_TIMEOUT", "10"))
+conveyor_publish_timeout: float = env("CONVEYOR_PUBLISH_TIMEOUT", 10.0)
 broker_connection_timeout = 4
 #: Producers declare the task queue before their first publish, which needs `configure`
 #: permission on it. With the least-privilege producer role (deploy/rabbitmq) set this to
 #: false: provisioning declares the topology, and the producer only publishes.
-conveyor_declare_on_publish = os.environ.get("CONVEYOR_DECLARE_ON_PUBLISH", "true") == "true"
+conveyor_declare_on_publish: bool = env("CONVEYOR_DECLARE_ON_PUBLISH", True)
 #: Waiting for a pooled producer connection is bounded too (celery#9259).
 broker_pool_acquire_timeout = 10
 #: Workers keep reconnecting for as long as the broker is away: they must resume by
@@ -243,7 +171,7 @@ worker_max_memory_per_child = 512_000
 #: compose.yaml's stop_grace_period is longer.
 worker_soft_shutdown_timeout = 20.0
 worker_enable_soft_shutdown_on_idle = True
-#: Conveyor configures logging itself (workers/logging.py).
+#: Conveyor configures logging itself (workers/logs.py).
 worker_hijack_root_logger = False
 
 # --- Results -----------------------------------------------------------------------------------
@@ -267,23 +195,25 @@ task_send_sent_event = True
 beat_enable_remote_control = True
 
 # --- Time ----------------------------------------------------------------------------------------
-timezone = os.environ.get("CONVEYOR_TIMEZONE", "UTC")
+timezone: str = env("CONVEYOR_TIMEZONE", "UTC")
 enable_utc = True
 
 # --- Reliability ---------------------------------------------------------------------------------
 #: Serialized args + kwargs above this are refused at the producer (ArgumentsTooLarge): messages
 #: carry ids, not data, and a big message stalls a quorum queue's replication. RabbitMQ's own
 #: max_message_size (128 MiB on 3.10) is far above it.
-conveyor_max_argument_bytes = int(os.environ.get("CONVEYOR_MAX_ARGUMENT_BYTES", "1000000"))
+conveyor_max_argument_bytes: int = env("CONVEYOR_MAX_ARGUMENT_BYTES", 1_000_000)
 #: A channel error (above all PRECONDITION_FAILED when a delivery outlived the broker's
 #: consumer_timeout, e.g. after the broker was frozen) restarts the consumer instead of ending
 #: the worker with "Unrecoverable error" (celery#6760; found by the F9 chaos run). Unacked
 #: messages go back to the queue and are redelivered.
 broker_channel_error_retry = True
 #: Where idempotency markers live (tasks/idempotency.py); the result Redis by default.
-conveyor_idempotency_url = _optional_secret("CONVEYOR_IDEMPOTENCY_URL") or result_backend
+conveyor_idempotency_url = optional_secret("CONVEYOR_IDEMPOTENCY_URL") or result_backend
 #: HMAC-SHA256 key for outgoing webhooks' X-Conveyor-Signature (tasks/webhooks.py); None: unsigned.
-conveyor_webhook_secret = _optional_secret("CONVEYOR_WEBHOOK_SECRET")
+conveyor_webhook_secret = optional_secret("CONVEYOR_WEBHOOK_SECRET")
+#: Seconds for a webhook's connect + response: a hanging subscriber must not hold a worker.
+conveyor_webhook_timeout: float = env("CONVEYOR_WEBHOOK_TIMEOUT", 10.0)
 #: How long "this effect already ran" is remembered: longer than any redelivery or replay.
 conveyor_idempotency_ttl = 7 * 86_400
 #: Seconds a delivery holds an effect's key while running it. A killed holder blocks the key
@@ -326,7 +256,7 @@ conveyor_batch_item_backoff = 0.2
 # --- Monitoring --------------------------------------------------------------------------------
 #: RabbitMQ management API, for the exporter and `celery -A tasks overview`: adds unacked and
 #: delayed counts. Unset, they read ready messages and consumers with passive queue declares.
-conveyor_rabbitmq_api = _optional_secret("CONVEYOR_RABBITMQ_API")
+conveyor_rabbitmq_api = optional_secret("CONVEYOR_RABBITMQ_API")
 #: Extension points for other parts of Conveyor (batches, schedules): "module:factory" paths.
 #: A metrics factory takes the app and returns a prometheus_client Collector (monitoring/exporter/);
 #: an overview section takes the app and returns (title, rows) (monitoring/overview.py).
@@ -343,20 +273,11 @@ conveyor_overview_sections: list[str] = [
 #: Off by default. When on, every task message is signed with this process's key and only
 #: messages signed by a certificate in the store are accepted (Celery's auth serializer:
 #: signed, not encrypted). Producers and workers all need a key, a certificate and the store.
-conveyor_signing = os.environ.get("CONVEYOR_SIGNING", "off").lower() in ("on", "true", "1")
-if conveyor_signing:
-    task_serializer = "auth"
-    accept_content = ["auth"]
-    security_key = os.environ.get("CONVEYOR_SIGNING_KEY", "")
-    security_certificate = os.environ.get("CONVEYOR_SIGNING_CERT", "")
-    #: A glob of the certificates whose signatures are trusted, for example certs/*.pem.
-    security_cert_store = os.environ.get("CONVEYOR_SIGNING_CERT_STORE", "")
-    security_digest = "sha256"
-    if not (security_key and security_certificate and security_cert_store):
-        raise RuntimeError(
-            "CONVEYOR_SIGNING=on needs CONVEYOR_SIGNING_KEY, CONVEYOR_SIGNING_CERT and "
-            "CONVEYOR_SIGNING_CERT_STORE"
-        )
+conveyor_signing: bool = env("CONVEYOR_SIGNING", False)
+conveyor_signing_key: str = env("CONVEYOR_SIGNING_KEY", "")
+conveyor_signing_cert: str = env("CONVEYOR_SIGNING_CERT", "")
+#: A glob of the certificates whose signatures are trusted, for example certs/*.pem.
+conveyor_signing_cert_store: str = env("CONVEYOR_SIGNING_CERT_STORE", "")
 
 # --- Scheduling ----------------------------------------------------------------------------------
 #: celery-redbeat keeps the schedule in Redis (editable at runtime, kept across restarts) and
@@ -364,7 +285,7 @@ if conveyor_signing:
 #: answering ping and the missed-run policy. See docs/scheduling.md.
 beat_scheduler = "tasks.schedule.scheduler:ConveyorScheduler"
 #: Its own variable, so the schedule can live apart from results; the result Redis by default.
-redbeat_redis_url = _optional_secret("CONVEYOR_SCHEDULE_REDIS_URL") or result_backend
+redbeat_redis_url = optional_secret("CONVEYOR_SCHEDULE_REDIS_URL") or result_backend
 #: Explicit, so redbeat does not fall back to the broker's transport options.
 redbeat_redis_options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
 redbeat_key_prefix = "redbeat:"
@@ -376,21 +297,65 @@ beat_max_loop_interval = 5
 conveyor_beat_builtin_entries = True
 
 
-def _apply_environment_overrides() -> None:
-    """Let CELERY_<NAME> override any plain (None, str, number, bool, list, dict) setting above."""
-    namespace = globals()
-    for key, value in list(namespace.items()):
-        if key.startswith("_") or not key.islower():
-            continue
-        if value is not None and not isinstance(value, str | int | float | bool | list | dict):
-            continue
-        raw = os.environ.get(f"CELERY_{key.upper()}")
-        if raw is None or key in ("broker_url", "result_backend"):
-            continue
-        try:
-            namespace[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            namespace[key] = raw
+# --- Environment overrides, then the settings derived from the final values --------------------
+#: Settings computed below from others: an override of one would not reach its sources.
+_DERIVED = {
+    "task_queues": "set CELERY_CONVEYOR_DELIVERY_LIMIT, CELERY_CONVEYOR_DEAD_LETTER_EXCHANGE, ...",
+    "broker_use_ssl": "set CONVEYOR_BROKER_TLS_CA, _CERT, _KEY with an amqps:// URL",
+    "conveyor_broker_urls": "set CELERY_BROKER_URL",
+    "task_default_exchange": "set CELERY_CONVEYOR_TASK_EXCHANGE",
+    "security_key": "set CONVEYOR_SIGNING_KEY",
+    "security_certificate": "set CONVEYOR_SIGNING_CERT",
+    "security_cert_store": "set CONVEYOR_SIGNING_CERT_STORE",
+}
+apply_overrides(globals(), derived=_DERIVED)
 
+#: The cluster's nodes in this process's order (conveyor_broker_shuffle). Celery reads the
+#: CELERY_BROKER_URL variable in preference to broker_url, but these two in preference to both,
+#: so the order reaches every connection without rewriting the environment.
+conveyor_broker_urls = broker_urls(broker_url, shuffle=conveyor_broker_shuffle)
+broker_url = ";".join(conveyor_broker_urls)
+broker_read_url = broker_write_url = broker_url if len(conveyor_broker_urls) > 1 else None
+broker_use_ssl = broker_tls(
+    broker_url,
+    ca=conveyor_broker_tls_ca,
+    cert=conveyor_broker_tls_cert,
+    key=conveyor_broker_tls_key,
+)
 
-_apply_environment_overrides()
+_task_exchange = Exchange(
+    conveyor_task_exchange,
+    type="topic",
+    durable=True,
+    arguments={"alternate-exchange": conveyor_unroutable_exchange},
+)
+_queue_arguments: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": conveyor_delivery_limit,
+    "x-dead-letter-exchange": conveyor_dead_letter_exchange,
+    # At-least-once dead-lettering (3.10+): the broker keeps a message until the dead-letter
+    # queue has confirmed it, instead of dropping it if that hop fails. It requires
+    # reject-publish overflow; no max-length is set, so nothing is rejected for length.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+if conveyor_quorum_group_size:
+    _queue_arguments["x-quorum-initial-group-size"] = conveyor_quorum_group_size
+task_queues = tuple(
+    Queue(name, _task_exchange, routing_key=name, queue_arguments=_queue_arguments, durable=True)
+    for name in conveyor_queue_names
+)
+task_default_exchange = conveyor_task_exchange
+
+if conveyor_signing:
+    task_serializer = "auth"
+    accept_content = ["auth"]
+    security_key = conveyor_signing_key
+    security_certificate = conveyor_signing_cert
+    security_cert_store = conveyor_signing_cert_store
+    security_digest = "sha256"
+    if not (security_key and security_certificate and security_cert_store):
+        raise ConfigurationError(
+            "CONVEYOR_SIGNING=on needs CONVEYOR_SIGNING_KEY, CONVEYOR_SIGNING_CERT and "
+            "CONVEYOR_SIGNING_CERT_STORE"
+        )

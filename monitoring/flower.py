@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from core.config import optional_secret
 from monitoring.queue_stats import broker_tls_files
 
 #: Host names that resolve to loopback on every machine Conveyor supports.
@@ -64,7 +65,8 @@ def check(options: object) -> None:
 
 
 #: Flower options that carry a secret, by the variable that sets them. Each may come from a
-#: file instead, NAME_FILE (the Docker secrets convention), read with celeryconfig's rules.
+#: file instead, NAME_FILE (the Docker secrets convention), read with celeryconfig's rules
+#: (core.config.optional_secret).
 SECRET_OPTIONS = {"FLOWER_BROKER_API": "broker_api", "FLOWER_BASIC_AUTH": "basic_auth"}
 
 
@@ -72,14 +74,12 @@ def apply_secret_files(options: Any) -> None:
     """Set Flower's secret-bearing options from their *_FILE paths, when given.
 
     Flower reads FLOWER_* variables itself but knows no *_FILE form. Setting both forms, or
-    naming an unreadable file, is an error naming the variable (celeryconfig._optional_secret).
+    naming an unreadable file, is an error naming the variable (core.config.ConfigurationError).
     """
-    from celeryconfig import _optional_secret
-
     for variable, option in SECRET_OPTIONS.items():
         if not os.environ.get(f"{variable}_FILE"):
             continue
-        value = _optional_secret(variable)
+        value = optional_secret(variable)
         if value is None:
             raise UnsafeFlowerConfiguration(f"{variable}_FILE names an empty file")
         # basic_auth is a list option: Flower splits its variable on commas too.

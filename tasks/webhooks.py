@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -23,8 +22,8 @@ from tasks.celery_app import app
 
 logger = get_task_logger(__name__)
 
-#: Seconds for connect + response. A hanging subscriber must not hold a worker process.
-REQUEST_TIMEOUT = float(os.environ.get("CONVEYOR_WEBHOOK_TIMEOUT", "10"))
+#: Seconds for connect + response (conveyor_webhook_timeout, CONVEYOR_WEBHOOK_TIMEOUT).
+REQUEST_TIMEOUT = float(app.conf.conveyor_webhook_timeout)
 #: Statuses worth another attempt: the subscriber is overloaded or briefly broken.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: The serialized payload is bounded: a webhook is a notification, not a file transfer.

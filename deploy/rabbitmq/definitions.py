@@ -38,6 +38,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 import celeryconfig  # the queue arguments have one source of truth
+from core.config import ConfigurationError, optional_secret
 
 VHOST = os.environ.get("CONVEYOR_VHOST", "conveyor")
 TASK_QUEUES = "|".join(celeryconfig.conveyor_queue_names)
@@ -87,11 +88,11 @@ TAGS = {
 
 
 def secret(name: str) -> str:
-    """NAME from the environment or the file NAME_FILE names, with celeryconfig's rules (both
+    """NAME from the environment or the file NAME_FILE names, with core.config's rules (both
     set, or an unreadable file, is an error naming the variable); missing is an error too."""
     try:
-        value = celeryconfig._optional_secret(name)
-    except RuntimeError as exc:
+        value = optional_secret(name)
+    except ConfigurationError as exc:
         raise SystemExit(str(exc)) from None
     if not value:
         raise SystemExit(f"{name} (or {name}_FILE) must be set")

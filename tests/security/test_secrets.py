@@ -18,6 +18,7 @@ import pytest
 from port_for import get_port
 from pytest_redis.executor.process import RedisExecutor
 
+from core.config import ConfigurationError
 from tests.infra import (
     ROOT,
     ManagedRabbitNode,
@@ -126,7 +127,7 @@ def test_flower_secrets_can_come_from_files(
     assert options.broker_api == "http://mon:pw@rabbitmq:15672/api/"
     assert options.basic_auth == ["ops:pw1", "dev:pw2"]
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:pw1")
-    with pytest.raises(RuntimeError, match="not both"):
+    with pytest.raises(ConfigurationError, match="not both"):
         apply_secret_files(options)
 
 
