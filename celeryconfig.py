@@ -262,11 +262,11 @@ conveyor_rabbitmq_api = optional_secret("CONVEYOR_RABBITMQ_API")
 #: an overview section takes the app and returns (title, rows) (monitoring/overview.py).
 conveyor_metrics_collectors: list[str] = [
     "monitoring.batch:collector",
-    "tasks.schedule.monitoring:collector",
+    "monitoring.schedule:collector",
 ]
 conveyor_overview_sections: list[str] = [
     "monitoring.batch:overview_section",
-    "tasks.schedule.monitoring:overview_section",
+    "monitoring.schedule:overview_section",
 ]
 
 # --- Message signing (optional) -----------------------------------------------------------

@@ -19,7 +19,6 @@ from celery.utils.log import get_task_logger
 
 from core.events import sent_events
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
-from tasks.schedule import overlap
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
@@ -35,6 +34,20 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     kombu.exceptions.OperationalError,  # kombu's wrapper of a failed publish or connect
     amqp.exceptions.RecoverableConnectionError,  # connection closed or forced by the broker
 )
+#: What runs before every task starts, in the worker: (task, task_id) -> None. A feature adds
+#: its own with `on_before_start` from its connect() (tasks/celery_app.py calls those); raising
+#: celery.exceptions.Ignore skips the run. This class knows no feature.
+BeforeStart = Callable[["Task", str], None]
+BEFORE_START: list[BeforeStart] = []
+
+
+def on_before_start(hook: BeforeStart) -> BeforeStart:
+    """Run `hook` before every task starts (once, however often it is registered)."""
+    if hook not in BEFORE_START:
+        BEFORE_START.append(hook)
+    return hook
+
+
 #: Message header counting how often a task waited out another delivery's idempotency lease.
 LEASE_WAITS_HEADER = "conveyor_lease_waits"
 #: Seconds of random delay added to a lease wait, so that copies waiting on one key spread out.
@@ -285,5 +298,5 @@ class Task(celery.Task):  # type: ignore[type-arg]
         )
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        # Periodic runs must not overlap their entry's previous run (tasks/schedule/overlap.py).
-        overlap.enter(self, task_id)
+        for hook in tuple(BEFORE_START):
+            hook(self, task_id)

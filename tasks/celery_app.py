@@ -3,9 +3,15 @@
 import logging
 
 from celery import Celery
+from kombu.utils.imports import symbol_by_name
 
 import workers
 from core import config
+
+#: Each feature's `connect(app)`, which wires its signal handlers and before-start hooks
+#: (tasks.base.on_before_start): the one way a feature extends every task or process. Named,
+#: like `include`, so that this module never imports the domain modules.
+EXTENSIONS = ("tasks.schedule.hooks:connect",)
 
 app = Celery(
     "tasks",
@@ -30,3 +36,5 @@ if app.conf.conveyor_signing:
     # Registers the auth serializer and refuses every other content type.
     app.setup_security()
 workers.install(app)
+for extension in EXTENSIONS:
+    symbol_by_name(extension)(app)

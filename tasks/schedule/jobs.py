@@ -8,7 +8,6 @@ from celery.utils.log import get_task_logger
 
 from tasks.celery_app import app
 from tasks.schedule import cleanup, queue_health, reports
-from tasks.schedule import monitoring as _monitoring  # noqa: F401  records last successful runs
 
 logger = get_task_logger(__name__)
 

@@ -21,6 +21,7 @@ from celery import signals
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
+from tasks.base import on_before_start
 from tasks.schedule.entries import ENTRY_HEADER, OVERLAP_HEADER
 
 logger = get_task_logger(__name__)
@@ -99,4 +100,7 @@ def _on_postrun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     client.eval(_RELEASE, 1, lock_key(entry), task_id)
 
 
-signals.task_postrun.connect(_on_postrun, weak=False)
+def connect() -> None:
+    """Take the lock before a guarded run starts and release it after (tasks/schedule/hooks.py)."""
+    on_before_start(enter)
+    signals.task_postrun.connect(_on_postrun, weak=False)

@@ -42,9 +42,14 @@ logger = get_logger("celery.beat")
 #: The hash field beside redbeat's definition/meta that holds Conveyor's own entry data.
 CONVEYOR_FIELD = "conveyor"
 
-# redbeat acquires its lock in a beat_init receiver that blocks until it succeeds; this
-# scheduler acquires it from tick() instead (see the module docstring).
-beat_init.disconnect(acquire_distributed_beat_lock)
+
+def connect() -> None:
+    """Take redbeat's blocking lock receiver off beat_init (tasks/schedule/hooks.py).
+
+    redbeat acquires its lock in a beat_init receiver that blocks until it succeeds; this
+    scheduler acquires it from tick() instead (see the module docstring).
+    """
+    beat_init.disconnect(acquire_distributed_beat_lock)
 
 
 def missed_slot_is_stale(

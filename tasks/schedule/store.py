@@ -74,7 +74,7 @@ def _key(app: Celery, name: str) -> str:
     return str(RedBeatSchedulerEntry.generate_key(app, name))
 
 
-def _load(app: Celery, name: str) -> RedBeatSchedulerEntry:
+def load_entry(app: Celery, name: str) -> RedBeatSchedulerEntry:
     try:
         return RedBeatSchedulerEntry.from_key(_key(app, name), app=app)
     except KeyError:
@@ -150,7 +150,7 @@ def spec_of(app: Celery, name: str) -> EntrySpec:
 
 
 def _set_enabled(app: Celery, name: str, enabled: bool) -> EntryView:
-    entry = _load(app, name)
+    entry = load_entry(app, name)
     entry.enabled = enabled
     entry.save()
     if enabled:
@@ -172,13 +172,13 @@ def resume(app: Celery, name: str) -> EntryView:
 def remove(app: Celery, name: str) -> None:
     """Delete a runtime entry; beat stops firing it at its next tick."""
     _refuse_code_entry(name, "remove")
-    entry = _load(app, name)
+    entry = load_entry(app, name)
     entry.delete()
 
 
 def run_now(app: Celery, name: str) -> str:
     """Publish one run of the entry now, outside its schedule; returns the task id."""
-    entry = _load(app, name)
+    entry = load_entry(app, name)
     options = dict(entry.options)
     options["headers"] = {**options.get("headers", {})}
     result = app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, **options)
@@ -195,7 +195,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def get(app: Celery, name: str) -> EntryView:
-    entry = _load(app, name)
+    entry = load_entry(app, name)
     meta = _metadata(app, name)
     headers = entry.options.get("headers") or {}
     next_run = None

@@ -263,10 +263,11 @@ def test_two_beats_with_the_active_one_killed_and_restarted_twice_never_fire_a_s
 def test_each_entrys_last_success_and_interval_are_exported(sched: Scheduling) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from tasks.schedule import monitoring
+    from monitoring import schedule as monitoring
+    from tasks.schedule.last_success import LAST_SUCCESS_KEY
 
     # Given an entry that has run successfully through beat and a worker
-    sched.app.backend.client.hdel(monitoring.LAST_SUCCESS_KEY, "exported")
+    sched.app.backend.client.hdel(LAST_SUCCESS_KEY, "exported")
     sched.beat("beat-metrics")
     store.add(sched.app, record_every("exported", 1))
     sched.wait_for_runs("exported", 2, timeout=20)

@@ -1,8 +1,9 @@
 """Schedule entries for the metrics exporter and `celery -A tasks overview`.
 
-Workers record the last successful run of every entry (a task that carries beat's entry
-header, see entries.py) in one Redis hash; the exporter reads it with the entries' intervals,
-which is what the "schedule missed" alert (deploy/prometheus/alerts.yml) compares.
+Workers record the last successful run of every entry (tasks/schedule/last_success.py); this
+reads those times with the entries' intervals, which is what the "schedule missed" alert
+(deploy/prometheus/alerts.yml) compares. Registered in celeryconfig through
+``conveyor_metrics_collectors`` and ``conveyor_overview_sections``.
 """
 
 from __future__ import annotations
@@ -12,30 +13,16 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tasks.schedule import store
-from tasks.schedule.entries import ENTRY_HEADER
-from tasks.schedule.overlap import _client, header
-
-#: Hash: entry name -> Unix time of its last successful run.
-LAST_SUCCESS_KEY = "conveyor:schedule:last_success"
-
-
-def _on_success(sender: Any = None, **_: Any) -> None:
-    entry = header(sender.request, ENTRY_HEADER) if sender is not None else None
-    if entry:
-        _client(sender.app.conf.redbeat_redis_url).hset(LAST_SUCCESS_KEY, str(entry), time.time())
-
-
-signals.task_success.connect(_on_success, weak=False)
+from tasks.schedule import last_success, store
 
 
 def interval_seconds(app: Celery, name: str) -> float:
     """Seconds between two runs of the entry (for a crontab, the next two occurrences)."""
-    entry = store._load(app, name)
+    entry = store.load_entry(app, name)
     schedule = entry.schedule
     run_every = getattr(schedule, "run_every", None)
     if isinstance(run_every, timedelta):
@@ -51,7 +38,7 @@ class ScheduleCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         entries = store.list_entries(self.app)
-        last = _client(self.app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
+        last = last_success.read(self.app)
         success = GaugeMetricFamily(
             "conveyor_schedule_last_success_timestamp_seconds",
             "Unix time of each schedule entry's last successful run.",
@@ -71,7 +58,7 @@ class ScheduleCollector(Collector):
                 continue
             interval.add_metric([view.name], interval_seconds(self.app, view.name))
             if view.name in last:
-                success.add_metric([view.name], float(last[view.name]))
+                success.add_metric([view.name], last[view.name])
         yield success
         yield interval
         yield enabled
@@ -86,14 +73,14 @@ def collector(app: Celery) -> ScheduleCollector:
 
 def overview_section(app: Celery) -> tuple[str, list[dict[str, Any]]]:
     """Every entry with its state, last success and next run, for `celery -A tasks overview`."""
-    last = _client(app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
+    last = last_success.read(app)
     rows = [
         {
             "entry": view.name,
             "task": view.task,
             "schedule": view.schedule,
             "enabled": view.enabled,
-            "last_success": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(last[view.name])))
+            "last_success": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last[view.name]))
             if view.name in last
             else None,
             "next_run": view.next_run_at,
