@@ -1,8 +1,9 @@
 """Expired-data cleanup: a registry of cleaners that the hourly cleanup job runs in turn.
 
-Another domain adds its own by decorating a function ``(app, budget) -> int`` (keys handled)
-with ``@cleaner("name")``; the batch domain is expected to register one for its state. Each
-cleaner gets a budget of keys per run, so one run stays short however much there is to do.
+A cleaner is a function ``(app, budget) -> int`` (keys handled) decorated with
+``@cleaner("name")``; this module registers the two below. State that Redis expires by itself
+(batches, idempotency keys) needs none. Each cleaner gets a budget of keys per run, so one run
+stays short however much there is to do.
 """
 
 from __future__ import annotations
