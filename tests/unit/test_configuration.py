@@ -32,7 +32,7 @@ def table(heading: str, column: int = 1) -> list[str]:
     """The cells of `column` (from 1) of the table under `heading`."""
     section = DOC.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
-    return [row.split("|")[column] for row in rows[2:]]  # skip the header and its rule
+    return [row.split("|")[column] for row in rows[1:]]  # skip the header row
 
 
 #: Variables of their own, as the doc's first column names them.
