@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import tomllib
 from fnmatch import fnmatch
-from pathlib import Path
 
 from tests.infra import ROOT
 
