@@ -7,7 +7,8 @@ private nodes (tests that kill or restart a node always use private ones).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,29 +82,56 @@ def ledger(ledger_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _start_worker(
-    tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str, name: str
-) -> WorkerProcess:
-    return WorkerProcess(
-        broker_url=broker_url,
-        result_backend=result_backend,
-        workdir=tmp_path,
-        name=name,
-        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url},
-    ).start()
+#: start_worker(name, broker_url=..., ...): a running worker for a `with` block (see below).
+StartWorker = Callable[..., AbstractContextManager[WorkerProcess]]
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    tmp_path_factory: pytest.TempPathFactory, result_backend: str, ledger_url: str
+) -> StartWorker:
+    """The one way the tests run a worker: a real `celery -A tasks worker` process.
+
+    ``with start_worker(name, broker_url=url) as process:`` starts it with the suite's result
+    backend and ledger and stops it at the end of the block. Options: `include` (test task
+    modules besides tests.worker_tasks), `env`, `concurrency`, `workdir` (a fresh directory by
+    default) and `timeout` (seconds to become ready).
+    """
+
+    @contextmanager
+    def run(
+        name: str,
+        *,
+        broker_url: str,
+        include: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        concurrency: int = 2,
+        workdir: Path | None = None,
+        timeout: float = 60,
+    ) -> Iterator[WorkerProcess]:
+        process = WorkerProcess(
+            broker_url=broker_url,
+            result_backend=result_backend,
+            workdir=workdir or tmp_path_factory.mktemp(name),
+            name=name,
+            concurrency=concurrency,
+            include=",".join(("tests.worker_tasks", *include)),
+            env={"CONVEYOR_TEST_LEDGER_URL": ledger_url, **(env or {})},
+        )
+        try:
+            yield process.start(timeout)
+        finally:
+            process.stop()
+
+    return run
 
 
 @pytest.fixture(scope="module")
 def worker(
-    tmp_path_factory: pytest.TempPathFactory,
     conveyor_app,  # type: ignore[no-untyped-def]
     broker_url: str,
-    result_backend: str,
-    ledger_url: str,
+    start_worker: StartWorker,
 ) -> Iterator[WorkerProcess]:
     """A real worker process shared by the tests of one module."""
-    process = _start_worker(
-        tmp_path_factory.mktemp("worker"), broker_url, result_backend, ledger_url, "worker"
-    )
-    yield process
-    process.stop()
+    with start_worker("worker", broker_url=broker_url) as process:
+        yield process

@@ -11,25 +11,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import StartWorker
 from tests.infra import WorkerProcess
 
-#: The worker's --include replaces the default one, so it names both test modules.
-INCLUDE = "--include=tests.worker_tasks,tests.batch_handlers"
+#: Test task modules the batch worker loads besides tests.worker_tasks.
+INCLUDE = ("tests.batch_handlers",)
 #: Transient-error backoff short enough for tests (the default is 0.2 s, doubling).
 FAST_RETRIES = {"CELERY_CONVEYOR_BATCH_ITEM_BACKOFF": "0.01"}
-
-
-def batch_worker_process(
-    workdir: Path, broker_url: str, result_backend: str, ledger_url: str, name: str
-) -> WorkerProcess:
-    return WorkerProcess(
-        broker_url=broker_url,
-        result_backend=result_backend,
-        workdir=workdir,
-        name=name,
-        extra_args=[INCLUDE],
-        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url, **FAST_RETRIES},
-    )
 
 
 @pytest.fixture(scope="session")
@@ -42,18 +30,11 @@ def batch_app(conveyor_app: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def batch_worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    batch_app: Any,
-    broker_url: str,
-    result_backend: str,
-    ledger_url: str,
+    batch_app: Any, broker_url: str, start_worker: StartWorker
 ) -> Iterator[WorkerProcess]:
     """A real worker (2 pool processes) shared by the tests of one module."""
-    process = batch_worker_process(
-        tmp_path_factory.mktemp("batch-worker"), broker_url, result_backend, ledger_url, "batch"
-    ).start()
-    yield process
-    process.stop()
+    with start_worker("batch", broker_url=broker_url, include=INCLUDE, env=FAST_RETRIES) as process:
+        yield process
 
 
 def make_rows(count: int, *, seed: int = 7, keys: int = 12) -> list[dict[str, str]]:

@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from tasks.batch import api
-from tests.batch.conftest import batch_worker_process, expected_aggregate, make_rows
+from tests.batch.conftest import FAST_RETRIES, INCLUDE, expected_aggregate, make_rows
+from tests.conftest import StartWorker
 from tests.infra import wait_for
 
 pytestmark = pytest.mark.integration
@@ -20,32 +21,23 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def kill_mid_batch(
-    batch_app: Any, tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str
+    batch_app: Any, tmp_path: Path, broker_url: str, start_worker: StartWorker
 ) -> Callable[[str], Any]:
     """Run a submitted batch on a worker killed (SIGKILL, whole group) mid-batch, then on a
     new worker; returns the final status."""
-    return partial(_kill_mid_batch, tmp_path, broker_url, result_backend, ledger_url)
+    return partial(_kill_mid_batch, tmp_path, broker_url, start_worker)
 
 
 def _kill_mid_batch(
-    tmp_path: Path, broker_url: str, result_backend: str, ledger_url: str, batch_id: str
+    tmp_path: Path, broker_url: str, start_worker: StartWorker, batch_id: str
 ) -> Any:
-    first = batch_worker_process(
-        tmp_path / "first", broker_url, result_backend, ledger_url, "doomed"
-    ).start()
-    try:
+    options: dict[str, Any] = {"broker_url": broker_url, "include": INCLUDE, "env": FAST_RETRIES}
+    with start_worker("doomed", workdir=tmp_path / "first", **options) as first:
         wait_for(lambda: api.status(batch_id).succeeded >= 600, 90, what="the batch to get going")
         first.kill_group()
         assert api.status(batch_id).state == "running"
-    finally:
-        first.stop()
-    second = batch_worker_process(
-        tmp_path / "second", broker_url, result_backend, ledger_url, "survivor"
-    ).start()
-    try:
+    with start_worker("survivor", workdir=tmp_path / "second", **options):
         return api.wait(batch_id, timeout=180)
-    finally:
-        second.stop()
 
 
 def test_a_worker_killed_mid_batch_changes_nothing_in_the_final_numbers(

@@ -30,6 +30,7 @@ from tasks.base import ArgumentsTooLarge
 from tasks.deadletter import store
 from tests import worker_tasks
 from tests.chaos.conftest import CHAOS_MAX_MESSAGE_BYTES
+from tests.conftest import StartWorker
 from tests.infra import ChaosRabbitNode, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -39,22 +40,12 @@ DLQ = "conveyor.dead_letter"
 
 @pytest.fixture(scope="module")
 def bad_input_worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    chaos_app: Any,
-    chaos_rabbit: ChaosRabbitNode,
-    result_backend: str,
-    ledger_url: str,
+    chaos_app: Any, chaos_rabbit: ChaosRabbitNode, start_worker: StartWorker
 ) -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(
-        broker_url=chaos_rabbit.url,
-        result_backend=result_backend,
-        workdir=tmp_path_factory.mktemp("bad-input"),
-        name="bad-input",
-        concurrency=1,
-        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url},
-    ).start(timeout=90)
-    yield worker
-    worker.stop()
+    with start_worker(
+        "bad-input", broker_url=chaos_rabbit.url, concurrency=1, timeout=90
+    ) as worker:
+        yield worker
 
 
 @pytest.fixture

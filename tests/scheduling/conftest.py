@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 import redis
 
+from tests.conftest import StartWorker
 from tests.infra import ROOT, WorkerProcess, compose_command, stop_process, wait_for
 
 #: What beat logs when it takes the lock (tasks/schedule/scheduler.py).
 ACTIVE_LINE = "this beat is now the active one"
-#: Include for the scheduling worker: the foundation's test tasks and ours.
-INCLUDE = "--include=tests.worker_tasks,tests.scheduling.tasks"
+#: Test task modules the scheduling worker loads besides tests.worker_tasks.
+INCLUDE = ("tests.scheduling.tasks",)
 
 
 @dataclass
@@ -109,31 +110,17 @@ class BeatProcess:
 
 @pytest.fixture(scope="module")
 def sched_worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    conveyor_app: Any,
-    broker_url: str,
-    result_backend: str,
-    ledger_url: str,
-    redis_url: str,
+    conveyor_app: Any, broker_url: str, result_backend: str, start_worker: StartWorker
 ) -> Iterator[WorkerProcess]:
     """A real worker serving every queue, with the scheduling test tasks, concurrency 2."""
-    process = WorkerProcess(
+    with start_worker(
+        "sched-worker",
         broker_url=broker_url,
-        result_backend=result_backend,
-        workdir=tmp_path_factory.mktemp("sched-worker"),
-        name="sched-worker",
-        extra_args=[INCLUDE],
-        env={
-            "CONVEYOR_TEST_LEDGER_URL": ledger_url,
-            "CONVEYOR_SCHEDULE_REDIS_URL": result_backend,
-        },
-    )
-    try:
-        process.start()
+        include=INCLUDE,
+        env={"CONVEYOR_SCHEDULE_REDIS_URL": result_backend},
+    ) as process:
         await_delayed_delivery()
         yield process
-    finally:
-        process.stop()
 
 
 def await_delayed_delivery(connection: Any = None) -> None:

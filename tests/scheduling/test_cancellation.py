@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.infra import WorkerProcess
+from tests.conftest import StartWorker
 from tests.scheduling.conftest import INCLUDE, await_delayed_delivery
 from workers.cancellation import cancel
 
@@ -25,37 +25,27 @@ def test_a_cancelled_delayed_job_never_runs_even_on_a_worker_started_after_the_c
     tmp_path: Path,
     broker_url: str,
     result_backend: str,
-    ledger_url: str,
+    start_worker: StartWorker,
     ledger: Any,
 ) -> None:
     from tests.scheduling import tasks as sched_tasks
 
     conveyor_app.conf.redbeat_redis_url = result_backend
-    env = {"CONVEYOR_TEST_LEDGER_URL": ledger_url, "CONVEYOR_SCHEDULE_REDIS_URL": result_backend}
+    options: dict[str, Any] = {
+        "broker_url": broker_url,
+        "include": INCLUDE,
+        "env": {"CONVEYOR_SCHEDULE_REDIS_URL": result_backend},
+    }
 
-    def worker(name: str) -> WorkerProcess:
-        return WorkerProcess(
-            broker_url=broker_url,
-            result_backend=result_backend,
-            workdir=tmp_path / name,
-            name=name,
-            extra_args=[INCLUDE],
-            env=env,
-        )
-
-    first, second = worker("before-cancel"), worker("after-cancel")
-    try:
-        # Given two jobs delayed 8 s, one of them cancelled, while the first worker runs
-        first.start()
+    # Given two jobs delayed 8 s, one of them cancelled, while the first worker runs
+    with start_worker("before-cancel", workdir=tmp_path / "before-cancel", **options):
         await_delayed_delivery()
         kept = sched_tasks.record.apply_async(("kept",), countdown=8)
         cancelled = sched_tasks.record.apply_async(("cancelled",), countdown=8)
         cancel(conveyor_app, cancelled.id)
 
-        # When that worker is replaced by a new one (which never saw Celery's in-memory revoke)
-        first.stop()
-        second.start()
-
+    # When that worker is replaced by a new one (which never saw Celery's in-memory revoke)
+    with start_worker("after-cancel", workdir=tmp_path / "after-cancel", **options) as second:
         # Then only the job that was not cancelled runs, and the other is marked REVOKED
         kept.get(timeout=40)
         deadline = time.time() + 10
@@ -65,6 +55,3 @@ def test_a_cancelled_delayed_job_never_runs_even_on_a_worker_started_after_the_c
         assert ledger.llen("runs:cancelled") == 0
         assert ledger.llen("runs:kept") == 1
         assert "was cancelled; discarding it" in second.log()
-    finally:
-        first.stop()
-        second.stop()
