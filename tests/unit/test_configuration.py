@@ -55,27 +55,28 @@ GUARANTEE_SETTINGS = sorted(
 NOT_SETTINGS = {"consumer_timeout", "conveyor"}
 
 
+def assigned_names(node: ast.stmt) -> list[str]:
+    """Setting names a module-level statement assigns (inside an `if` too, not in loops)."""
+    if isinstance(node, ast.If):
+        return [name for child in node.body + node.orelse for name in assigned_names(child)]
+    targets = node.targets if isinstance(node, ast.Assign) else []
+    targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+    names = [
+        name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)
+    ]
+    return [name for name in names if name.islower() and not name.startswith("_")]
+
+
 def settings_before_overrides() -> tuple[list[str], list[str]]:
     """Names assigned in celeryconfig before the apply_overrides call, and those after it."""
-    before: list[str] = []
-    after: list[str] = []
-    seen_call = False
-    statements = list(ast.parse((ROOT / "celeryconfig.py").read_text()).body)
-    while statements:
-        node = statements.pop(0)
-        if isinstance(node, ast.Expr) and "apply_overrides" in ast.unparse(node):
-            seen_call = True
-        if isinstance(node, ast.If):
-            statements[:0] = node.body + node.orelse
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        targets += [node.target] if isinstance(node, ast.AnnAssign) else []
-        names = [
-            name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)
-        ]
-        for name in names:
-            if name.islower() and not name.startswith("_"):
-                (after if seen_call else before).append(name)
-    assert seen_call
+    body = ast.parse((ROOT / "celeryconfig.py").read_text()).body
+    call = next(
+        index
+        for index, node in enumerate(body)
+        if isinstance(node, ast.Expr) and "apply_overrides" in ast.unparse(node)
+    )
+    before = [name for node in body[:call] for name in assigned_names(node)]
+    after = [name for node in body[call:] for name in assigned_names(node)]
     return before, after
 
 
@@ -301,19 +302,24 @@ def test_each_documented_variable_reaches_its_effective_value(
 
 def changed(name: str, value: Any) -> tuple[str, Any]:
     """A different value of the setting's type: as the variable holds it, and as parsed."""
-    if isinstance(value, bool):
-        return json.dumps(not value), not value
-    if isinstance(value, int | float):
-        return json.dumps(value + 1), value + 1
+    if value is None:
+        annotation = str(celeryconfig.__annotations__.get(name, ""))
+        return ("3", 3) if annotation.startswith("int") else ("probe", "probe")
     if isinstance(value, str):
         return f"{value}-probe", f"{value}-probe"
-    if isinstance(value, dict):
-        return json.dumps({**value, "probe": 1}), {**value, "probe": 1}
-    if isinstance(value, list | tuple):
-        new = [*value, "probe"]
-        return json.dumps(new), type(value)(new)
-    annotation = str(celeryconfig.__annotations__.get(name, ""))
-    return ("3", 3) if annotation.startswith("int") else ("probe", "probe")
+    new = CHANGE[type(value)](value)
+    return json.dumps(new), new
+
+
+#: A different value of each JSON type (bool before int: a bool is an int to isinstance).
+CHANGE: dict[type, Callable[[Any], Any]] = {
+    bool: lambda value: not value,
+    int: lambda value: value + 1,
+    float: lambda value: value + 1.5,
+    dict: lambda value: {**value, "probe": 1},
+    list: lambda value: [*value, "probe"],
+    tuple: lambda value: [*value, "probe"],
+}
 
 
 #: What a setting needs beside its override to load (signing refuses to start without keys).
@@ -330,9 +336,12 @@ def test_the_guarantees_table_names_only_settings_that_exist() -> None:
 def test_every_setting_can_be_overridden_to_its_effective_value(
     name: str, configure: Callable[..., Celery]
 ) -> None:
-    raw, expected = changed(name, getattr(celeryconfig, name))
+    default = getattr(celeryconfig, name)
+    raw, expected = changed(name, default)
     app = configure(**NEEDS.get(name, {}), **{f"CELERY_{name.upper()}": raw})
-    assert app.conf[name] == expected
+    got = app.conf[name]
+    assert got == (tuple(expected) if isinstance(default, tuple) else expected)
+    assert type(got) is type(default) or default is None
 
 
 def test_every_setting_is_defined_before_the_overrides_are_applied() -> None:
