@@ -151,126 +151,146 @@ SIGNING = {
 }
 
 
-def check_variable(variable: str, configure: Callable[..., Celery], tmp_path: Path) -> None:
-    """Set `variable` and assert its effective value (one branch per kind of variable)."""
-    secret_file = tmp_path / "secret"
-    secret_file.write_text("amqp://f:pw@from-file:5672/v\n")
-    probes: dict[str, Callable[[], None]] = {
-        "CELERY_BROKER_URL": lambda: _eq(
-            configure(CELERY_BROKER_URL="amqp://u:p@h1:5672/v").conf.broker_write_url,
-            "amqp://u:p@h1:5672/v",
-        ),
-        "CELERY_RESULT_BACKEND": lambda: _eq(
-            configure(CELERY_RESULT_BACKEND="redis://h:6379/3").conf.result_backend,
-            "redis://h:6379/3",
-        ),
-        "CELERY_BROKER_URL_FILE": lambda: _eq(
-            configure(CELERY_BROKER_URL_FILE=str(secret_file)).conf.broker_write_url,
-            "amqp://f:pw@from-file:5672/v",
-        ),
-        "CELERY_RESULT_BACKEND_FILE": lambda: _eq(
-            configure(CELERY_RESULT_BACKEND_FILE=str(secret_file)).conf.result_backend,
-            "amqp://f:pw@from-file:5672/v",
-        ),
-        "CONVEYOR_BROKER_TLS_CA": lambda: _eq(
-            configure(
-                CELERY_BROKER_URL=TLS_URL, CONVEYOR_BROKER_TLS_CA="/ca.pem"
-            ).conf.broker_use_ssl["ca_certs"],
-            "/ca.pem",
-        ),
-        "CONVEYOR_BROKER_TLS_CERT": lambda: _eq(
-            configure(
-                CELERY_BROKER_URL=TLS_URL, CONVEYOR_BROKER_TLS_CERT="/c.pem"
-            ).conf.broker_use_ssl["certfile"],
-            "/c.pem",
-        ),
-        "CONVEYOR_BROKER_TLS_KEY": lambda: _eq(
-            configure(
-                CELERY_BROKER_URL=TLS_URL, CONVEYOR_BROKER_TLS_KEY="/k.pem"
-            ).conf.broker_use_ssl["keyfile"],
-            "/k.pem",
-        ),
-        "CONVEYOR_DECLARE_ON_PUBLISH": lambda: _eq(
-            configure(CONVEYOR_DECLARE_ON_PUBLISH="false").conf.conveyor_declare_on_publish, False
-        ),
-        "CONVEYOR_SIGNING": lambda: _eq(
-            (lambda conf: (conf.task_serializer, conf.accept_content))(configure(**SIGNING).conf),
-            ("auth", ["auth"]),
-        ),
-        "CONVEYOR_SIGNING_KEY": lambda: _eq(configure(**SIGNING).conf.security_key, "/keys/me.key"),
-        "CONVEYOR_SIGNING_CERT": lambda: _eq(
-            configure(**SIGNING).conf.security_certificate, "/keys/me.pem"
-        ),
-        "CONVEYOR_SIGNING_CERT_STORE": lambda: _eq(
-            configure(**SIGNING).conf.security_cert_store, "/keys/trusted/*.pem"
-        ),
-        "CONVEYOR_BROKER_SHUFFLE": lambda: _eq(
-            configure(
-                CELERY_BROKER_URL=NODES, CONVEYOR_BROKER_SHUFFLE="false"
-            ).conf.broker_write_url,
-            NODES,
-        ),
-        "CONVEYOR_QUORUM_GROUP_SIZE": lambda: _all(
-            queue_arguments(configure(CONVEYOR_QUORUM_GROUP_SIZE="5")),
-            "x-quorum-initial-group-size",
-            5,
-        ),
-        "CONVEYOR_DELIVERY_LIMIT": lambda: _all(
-            queue_arguments(configure(CONVEYOR_DELIVERY_LIMIT="3")), "x-delivery-limit", 3
-        ),
-        "CONVEYOR_PUBLISH_TIMEOUT": lambda: _eq(
-            configure(CONVEYOR_PUBLISH_TIMEOUT="2.5").conf.conveyor_publish_timeout, 2.5
-        ),
-        "CONVEYOR_TIMEZONE": lambda: _eq(
-            configure(CONVEYOR_TIMEZONE="Europe/Paris").conf.timezone, "Europe/Paris"
-        ),
-        "CONVEYOR_LOG_LEVEL": lambda: _eq(
-            (configure(CONVEYOR_LOG_LEVEL="WARNING"), root_logging())[1][0], logging.WARNING
-        ),
-        "CONVEYOR_LOG_FORMAT": lambda: _eq(
-            (configure(CONVEYOR_LOG_FORMAT="json"), root_logging())[1][1], "JsonFormatter"
-        ),
-        "CONVEYOR_RABBITMQ_API": lambda: _eq(
-            configure(CONVEYOR_RABBITMQ_API="http://m:p@r:15672/api/").conf.conveyor_rabbitmq_api,
-            "http://m:p@r:15672/api/",
-        ),
-        "CONVEYOR_IDEMPOTENCY_URL": lambda: _eq(
-            configure(CONVEYOR_IDEMPOTENCY_URL="redis://i:6379/4").conf.conveyor_idempotency_url,
-            "redis://i:6379/4",
-        ),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": lambda: _eq(
-            (configure(OTEL_EXPORTER_OTLP_ENDPOINT="http://otel:4318"), _tracing())[1], True
-        ),
-        "CONVEYOR_HEALTH_DIR": lambda: _eq(
-            (configure(CONVEYOR_HEALTH_DIR=str(tmp_path)), _health_dir())[1], tmp_path
-        ),
-        "CONVEYOR_SCHEDULE_REDIS_URL": lambda: _eq(
-            configure(CONVEYOR_SCHEDULE_REDIS_URL="redis://s:6379/5").conf.redbeat_redis_url,
-            "redis://s:6379/5",
-        ),
-        "CONVEYOR_WEBHOOK_SECRET": lambda: _eq(
-            configure(CONVEYOR_WEBHOOK_SECRET="s3cr3t").conf.conveyor_webhook_secret, "s3cr3t"
-        ),
-        "CONVEYOR_WEBHOOK_TIMEOUT": lambda: _eq(
-            configure(CONVEYOR_WEBHOOK_TIMEOUT="2.5").conf.conveyor_webhook_timeout, 2.5
-        ),
-        "CONVEYOR_EXPORTER_PASSWORD": lambda: _eq(
-            (
-                configure(CONVEYOR_EXPORTER_PASSWORD="e-pw"),
-                definitions_secret("CONVEYOR_EXPORTER_PASSWORD"),
-            )[1],
-            "e-pw",
-        ),
-        "CONVEYOR_MONITOR_PASSWORD": lambda: _eq(
-            (
-                configure(CONVEYOR_MONITOR_PASSWORD="m-pw"),
-                definitions_secret("CONVEYOR_MONITOR_PASSWORD"),
-            )[1],
-            "m-pw",
-        ),
-    }
-    assert variable in probes, f"{variable} is documented: add how to check it here"
-    probes[variable]()
+def conf(name: str) -> Callable[[Celery], Any]:
+    """The setting as Celery reads it (its properties, such as broker_write_url, included)."""
+    return lambda app: getattr(app.conf, name)
+
+
+def conf_item(name: str, key: str) -> Callable[[Celery], Any]:
+    return lambda app: getattr(app.conf, name)[key]
+
+
+def every_queue(key: str) -> Callable[[Celery], Any]:
+    """The queues' value of argument `key`, when they all agree."""
+
+    def read(app: Celery) -> Any:
+        values = {repr(arguments.get(key)) for arguments in queue_arguments(app)}
+        assert len(values) == 1, values
+        return queue_arguments(app)[0][key]
+
+    return read
+
+
+def outside(read: Callable[[], Any]) -> Callable[[Celery], Any]:
+    """A value read by the module that reads the variable itself, not from the app."""
+    return lambda app: read()
+
+
+FILE_URL = "amqp://f:pw@from-file:5672/v"
+#: Variable -> (the environment that sets it, how its effective value is read, that value).
+#: "{file}" stands for a file holding FILE_URL.
+PROBES: dict[str, tuple[dict[str, str], Callable[[Celery], Any], Any]] = {
+    "CELERY_BROKER_URL": (
+        {"CELERY_BROKER_URL": "amqp://u:p@h1/v"},
+        conf("broker_write_url"),
+        "amqp://u:p@h1/v",
+    ),
+    "CELERY_RESULT_BACKEND": (
+        {"CELERY_RESULT_BACKEND": "redis://h:6379/3"},
+        conf("result_backend"),
+        "redis://h:6379/3",
+    ),
+    "CELERY_BROKER_URL_FILE": (
+        {"CELERY_BROKER_URL_FILE": "{file}"},
+        conf("broker_write_url"),
+        FILE_URL,
+    ),
+    "CELERY_RESULT_BACKEND_FILE": (
+        {"CELERY_RESULT_BACKEND_FILE": "{file}"},
+        conf("result_backend"),
+        FILE_URL,
+    ),
+    "CONVEYOR_BROKER_TLS_CA": (
+        {"CELERY_BROKER_URL": TLS_URL, "CONVEYOR_BROKER_TLS_CA": "/ca.pem"},
+        conf_item("broker_use_ssl", "ca_certs"),
+        "/ca.pem",
+    ),
+    "CONVEYOR_BROKER_TLS_CERT": (
+        {"CELERY_BROKER_URL": TLS_URL, "CONVEYOR_BROKER_TLS_CERT": "/c.pem"},
+        conf_item("broker_use_ssl", "certfile"),
+        "/c.pem",
+    ),
+    "CONVEYOR_BROKER_TLS_KEY": (
+        {"CELERY_BROKER_URL": TLS_URL, "CONVEYOR_BROKER_TLS_KEY": "/k.pem"},
+        conf_item("broker_use_ssl", "keyfile"),
+        "/k.pem",
+    ),
+    "CONVEYOR_DECLARE_ON_PUBLISH": (
+        {"CONVEYOR_DECLARE_ON_PUBLISH": "false"},
+        conf("conveyor_declare_on_publish"),
+        False,
+    ),
+    "CONVEYOR_SIGNING": (
+        SIGNING,
+        lambda app: (app.conf.task_serializer, app.conf.accept_content),
+        ("auth", ["auth"]),
+    ),
+    "CONVEYOR_SIGNING_KEY": (SIGNING, conf("security_key"), "/keys/me.key"),
+    "CONVEYOR_SIGNING_CERT": (SIGNING, conf("security_certificate"), "/keys/me.pem"),
+    "CONVEYOR_SIGNING_CERT_STORE": (SIGNING, conf("security_cert_store"), "/keys/trusted/*.pem"),
+    "CONVEYOR_BROKER_SHUFFLE": (
+        {"CELERY_BROKER_URL": NODES, "CONVEYOR_BROKER_SHUFFLE": "false"},
+        conf("broker_write_url"),
+        NODES,
+    ),
+    "CONVEYOR_QUORUM_GROUP_SIZE": (
+        {"CONVEYOR_QUORUM_GROUP_SIZE": "5"},
+        every_queue("x-quorum-initial-group-size"),
+        5,
+    ),
+    "CONVEYOR_DELIVERY_LIMIT": (
+        {"CONVEYOR_DELIVERY_LIMIT": "3"},
+        every_queue("x-delivery-limit"),
+        3,
+    ),
+    "CONVEYOR_TIMEZONE": ({"CONVEYOR_TIMEZONE": "Europe/Paris"}, conf("timezone"), "Europe/Paris"),
+    "CONVEYOR_LOG_LEVEL": (
+        {"CONVEYOR_LOG_LEVEL": "WARNING"},
+        outside(lambda: root_logging()[0]),
+        logging.WARNING,
+    ),
+    "CONVEYOR_LOG_FORMAT": (
+        {"CONVEYOR_LOG_FORMAT": "json"},
+        outside(lambda: root_logging()[1]),
+        "JsonFormatter",
+    ),
+    "CONVEYOR_SCHEDULE_REDIS_URL": (
+        {"CONVEYOR_SCHEDULE_REDIS_URL": "redis://s:6379/5"},
+        conf("redbeat_redis_url"),
+        "redis://s:6379/5",
+    ),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": (
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4318"},
+        outside(lambda: _tracing()),
+        True,
+    ),
+    "CONVEYOR_HEALTH_DIR": (
+        {"CONVEYOR_HEALTH_DIR": "/run/probes"},
+        outside(lambda: _health_dir()),
+        Path("/run/probes"),
+    ),
+    "CONVEYOR_EXPORTER_PASSWORD": (
+        {"CONVEYOR_EXPORTER_PASSWORD": "e-pw"},
+        outside(lambda: definitions_secret("CONVEYOR_EXPORTER_PASSWORD")),
+        "e-pw",
+    ),
+    "CONVEYOR_MONITOR_PASSWORD": (
+        {"CONVEYOR_MONITOR_PASSWORD": "m-pw"},
+        outside(lambda: definitions_secret("CONVEYOR_MONITOR_PASSWORD")),
+        "m-pw",
+    ),
+}
+
+
+def probe(variable: str) -> tuple[dict[str, str], Callable[[Celery], Any], Any]:
+    """PROBES' entry, or for CONVEYOR_<NAME> with a setting conveyor_<name> (its own variable),
+    a changed value of that setting's type read from the app."""
+    if variable in PROBES:
+        return PROBES[variable]
+    setting = variable.lower()
+    assert hasattr(celeryconfig, setting), f"{variable} is documented: add how to check it here"
+    raw, expected = changed(setting, getattr(celeryconfig, setting))
+    return {variable: raw}, conf(setting), expected
 
 
 def _eq(got: Any, expected: Any) -> None:
@@ -297,7 +317,11 @@ def _health_dir() -> Path:
 def test_each_documented_variable_reaches_its_effective_value(
     variable: str, configure: Callable[..., Celery], tmp_path: Path
 ) -> None:
-    check_variable(variable, configure, tmp_path)
+    variables, read, expected = probe(variable)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(f"{FILE_URL}\n")
+    app = configure(**{k: v.replace("{file}", str(secret_file)) for k, v in variables.items()})
+    assert read(app) == expected
 
 
 def changed(name: str, value: Any) -> tuple[str, Any]:
