@@ -269,6 +269,11 @@ def broker_tls(
     }
 
 
+def broker_url_unset(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when neither CELERY_BROKER_URL nor its _FILE is set: DEFAULT_BROKER_URL is used."""
+    return not environ.get("CELERY_BROKER_URL") and not environ.get("CELERY_BROKER_URL_FILE")
+
+
 # --- Reporting a bad setting ------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from core.config import optional_secret
+from core.config import ConfigurationError, exit_on_command_line, optional_secret
 from monitoring.queue_stats import broker_tls_files
 
 #: Host names that resolve to loopback on every machine Conveyor supports.
@@ -79,7 +79,11 @@ def apply_secret_files(options: Any) -> None:
     for variable, option in SECRET_OPTIONS.items():
         if not os.environ.get(f"{variable}_FILE"):
             continue
-        value = optional_secret(variable)
+        try:
+            value = optional_secret(variable)
+        except ConfigurationError as error:
+            exit_on_command_line(error)  # `celery ... flower`: one line, exit status 2
+            raise
         if value is None:
             raise UnsafeFlowerConfiguration(f"{variable}_FILE names an empty file")
         # basic_auth is a list option: Flower splits its variable on commas too.

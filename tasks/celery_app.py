@@ -26,7 +26,7 @@ try:
 except config.ConfigurationError as error:
     config.exit_on_command_line(error)  # `celery ...`: the line and exit status 2
     raise  # a web app gets the exception, its message that one line
-if app.conf.broker_url == config.DEFAULT_BROKER_URL:
+if config.broker_url_unset():
     logging.getLogger("conveyor.config").warning(
         "CELERY_BROKER_URL is unset: using the built-in default, guest on 127.0.0.1:5672 vhost /"
     )

@@ -62,6 +62,19 @@ def test_every_command_reports_a_bad_setting_as_one_line_with_status_2(tmp_path:
             text=True,
         )
         running.append((command, expected, process))
+    # Flower's own secret files follow the same rules.
+    flower = subprocess.Popen(
+        [CELERY, "-A", "tasks", "flower", "--address=127.0.0.1"],
+        cwd=ROOT,
+        env=clean_env(
+            CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//",
+            FLOWER_BASIC_AUTH_FILE=str(tmp_path / "absent"),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    running.append(("flower secret", "FLOWER_BASIC_AUTH_FILE=", flower))
     for command, expected, process in running:
         out, err = process.communicate(timeout=60)
         assert process.returncode == 2, (command, err)
