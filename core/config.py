@@ -184,16 +184,6 @@ def env(name: str, default: Any, environ: Mapping[str, str] = os.environ) -> Any
     return parse(name, raw, default)
 
 
-def env_choice(
-    name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] = os.environ
-) -> str:
-    """Variable `name`, lowercased, which must be one of `choices`."""
-    value = str(env(name, default, environ)).lower()
-    if value not in choices:
-        raise ConfigurationError(f"{name}={value!r} is refused: not one of {', '.join(choices)}")
-    return value
-
-
 # --- Overrides: CELERY_<NAME> -----------------------------------------------------------------
 
 #: Settings with variables of their own, read by `secret` (Celery also reads these two).
