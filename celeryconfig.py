@@ -100,7 +100,8 @@ conveyor_task_exchange = "conveyor"
 conveyor_dead_letter_exchange = "conveyor.dlx"
 conveyor_dead_letter_queue = "conveyor.dead_letter"
 #: Task queues. `priority` is for urgent work: quorum queues have no message priority on 3.10,
-#: so urgency is a separate queue that dedicated workers serve (see compose.yaml).
+#: so urgency is a separate queue that dedicated workers serve (see compose.yaml). Each is
+#: declared (task_queues, at the end) quorum, with the limit and dead-letter exchange above.
 conveyor_queue_names = ("default", "batch", "scheduled", "priority")
 
 #: Messages published to `conveyor` that match no queue go here instead of vanishing (RabbitMQ
@@ -114,7 +115,7 @@ task_default_routing_key = "default"
 #: broker in celery_delayed_* queues, never by the worker) only works with non-direct exchanges.
 task_default_exchange_type = "topic"
 task_default_queue_type = "quorum"
-#: Only the queues above exist; a typo in a route must fail, not create a stray classic queue.
+#: Only the queues named above exist; a typo in a route must fail, not create a stray queue.
 task_create_missing_queues = False
 #: Routing lives here, not in decorators: the task name's domain picks the queue.
 task_routes = {
