@@ -93,7 +93,12 @@ def test_failures_cancel_and_retry_answer_in_json(
     cancelled = celery_batch(broker_url, result_backend, "cancel", batch_id, "--json")
     assert json.loads(cancelled.stdout) == {"id": batch_id, "cancelled": False}
 
-    retried = celery_batch(broker_url, result_backend, "retry", batch_id, "--json")
+    # 'x' is not a number: an input error, which a retry re-runs only when asked to
+    refused = celery_batch(broker_url, result_backend, "retry", batch_id, "--json")
+    assert refused.returncode == 2 and "--include-input-errors" in refused.stderr
+    retried = celery_batch(
+        broker_url, result_backend, "retry", batch_id, "--json", "--include-input-errors"
+    )
     assert json.loads(retried.stdout) == {"id": batch_id, "retried": 1}
 
     unknown = celery_batch(broker_url, result_backend, "status", "no-such-batch", "--json")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.batch import api, handlers
+from tasks.batch import handlers, inputs
 from tasks.batch.handlers import Aggregate, ItemError, WriteFiles
 
 
@@ -17,7 +17,7 @@ def test_csv_rows_keep_their_line_numbers_and_ragged_rows_become_failed_items(
 ) -> None:
     path = tmp_path / "in.csv"
     path.write_text('key,value\na,1\n\nb,"multi\nline"\nc,3,4\nd\n')
-    entries = list(api.read_csv(path))
+    entries = list(inputs.read_csv(path))
     assert [(e.line, e.error is None) for e in entries] == [
         (2, True),
         (4, True),
@@ -31,7 +31,7 @@ def test_csv_rows_keep_their_line_numbers_and_ragged_rows_become_failed_items(
 def test_jsonl_lines_that_are_not_json_become_failed_items(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n\nnot json\n[2]\n')
-    entries = list(api.read_jsonl(path))
+    entries = list(inputs.read_jsonl(path))
     assert [(e.line, e.item if e.error is None else None) for e in entries] == [
         (1, {"a": 1}),
         (3, None),
@@ -41,11 +41,11 @@ def test_jsonl_lines_that_are_not_json_become_failed_items(tmp_path: Path) -> No
 
 
 def test_the_file_format_comes_from_the_suffix_unless_given() -> None:
-    assert api.file_format("x.CSV") == "csv"
-    assert api.file_format("x.ndjson") == "jsonl"
-    assert api.file_format("x.txt", "csv") == "csv"
+    assert inputs.file_format("x.CSV") == "csv"
+    assert inputs.file_format("x.ndjson") == "jsonl"
+    assert inputs.file_format("x.txt", "csv") == "csv"
     with pytest.raises(ValueError, match="cannot tell the format"):
-        api.file_format("x.txt")
+        inputs.file_format("x.txt")
 
 
 def test_the_aggregate_is_the_same_however_the_items_are_chunked() -> None:
