@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from celery import Celery
@@ -144,10 +144,7 @@ def submit(
     except (LookupError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     except api.PublishFailed as exc:
-        # The batch exists, in state publish_failed: show it, then the reason on stderr.
-        failed = api.status(exc.batch_id, app=app)
-        _emit(as_json, failed.as_dict(), _describe(failed))
-        raise click.ClickException(str(exc)) from exc
+        _publish_failed(app, exc, as_json)
     if not wait_:
         if as_json:
             _emit(as_json, {"id": batch_id}, batch_id)
@@ -156,6 +153,13 @@ def submit(
     _emit(as_json, final.as_dict(), _describe(final))
     if final.state != "completed":
         ctx.exit(1)
+
+
+def _publish_failed(app: Celery, exc: api.PublishFailed, as_json: bool) -> NoReturn:
+    """The batch exists, in state publish_failed: show it, then the reason on stderr."""
+    failed = api.status(exc.batch_id, app=app)
+    _emit(as_json, failed.as_dict(), _describe(failed))
+    raise click.ClickException(str(exc)) from exc
 
 
 def _announcer(as_json: bool, wait_: bool) -> api.OnCreated:

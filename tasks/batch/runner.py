@@ -255,29 +255,48 @@ def run_finalize(
     """
     meta = store.meta(batch_id)
     if meta.get("finalized") != str(attempt):
-        try:
-            handler = handlers.get(meta["handler"])(json.loads(meta["options"]))
-            result = handler.reduce(store.iter_partials(batch_id))
-            failed = int(meta["failed"])
-        except Exception as exc:
-            result, failed = {"reduce_error": describe(exc)}, 1
-        state = "completed" if failed == 0 else "completed_with_failures"
-        store.finalize(batch_id, attempt, state, result)
+        _reduce_once(store, batch_id, attempt, meta)
         meta = store.meta(batch_id)
     if meta.get("finalized") != str(attempt):
         return meta.get("state", "running")  # cancelled, or not complete (nothing to do)
     callback = meta.get("callback")
     if callback:
-        token = uuid.uuid4().hex
-        claim, wait = store.claim_callback(batch_id, attempt, token, lease)
-        if claim == "held":
-            raise CallbackInProgress(wait)
-        if claim == "claimed":
-            try:
-                send_callback(callback, f"{batch_id}.callback.{attempt}")
-            except BaseException:
-                store.settle_callback(batch_id, attempt, token, sent=False)
-                raise
-            store.settle_callback(batch_id, attempt, token, sent=True)
+        _send_once(
+            store,
+            batch_id,
+            attempt,
+            lambda: send_callback(callback, f"{batch_id}.callback.{attempt}"),
+            lease,
+        )
     # A late finalize of an earlier attempt may find a retry running: no state yet.
     return meta.get("state", "running")
+
+
+def _reduce_once(store: BatchStore, batch_id: str, attempt: int, meta: Mapping[str, str]) -> None:
+    """Reduce the partials and store the result and final state, unless another run has."""
+    try:
+        handler = handlers.get(meta["handler"])(json.loads(meta["options"]))
+        result = handler.reduce(store.iter_partials(batch_id))
+        failed = int(meta["failed"])
+    except Exception as exc:
+        result, failed = {"reduce_error": describe(exc)}, 1
+    state = "completed" if failed == 0 else "completed_with_failures"
+    store.finalize(batch_id, attempt, state, result)
+
+
+def _send_once(
+    store: BatchStore, batch_id: str, attempt: int, send: Callable[[], None], lease: float
+) -> None:
+    """Send the attempt's callback under a claim, unless it was sent or another run holds it."""
+    token = uuid.uuid4().hex
+    claim, wait = store.claim_callback(batch_id, attempt, token, lease)
+    if claim == "held":
+        raise CallbackInProgress(wait)
+    if claim != "claimed":
+        return  # sent already
+    try:
+        send()
+    except BaseException:
+        store.settle_callback(batch_id, attempt, token, sent=False)
+        raise
+    store.settle_callback(batch_id, attempt, token, sent=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -94,3 +96,41 @@ def test_write_files_writes_each_key_once(tmp_path: Path) -> None:
 def test_an_unknown_handler_names_the_known_ones() -> None:
     with pytest.raises(LookupError, match=r"registered: .*aggregate"):
         handlers.get("nope")
+
+
+def test_the_batch_stages_import_neither_the_tasks_module_nor_the_api() -> None:
+    # The pipeline inputs -> chunking -> publishing -> api has no cycle: the Celery tasks
+    # module is handed down, never imported below the api, and never imports the api.
+    code = (
+        "import sys\n"
+        "import tasks.batch.inputs, tasks.batch.chunking, tasks.batch.publishing\n"
+        "assert 'tasks.batch.tasks' not in sys.modules, 'a stage imported the tasks module'\n"
+        "import tasks.batch.tasks\n"
+        "assert 'tasks.batch.api' not in sys.modules, 'the tasks module imported the api'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_aggregate_checks_its_fields_against_a_csv_header() -> None:
+    assert Aggregate.check_input({}, ["region", "amount"]) == {
+        "key_field": "region",
+        "value_field": "amount",
+    }
+    assert Aggregate.check_input({}, ["value", "key", "note"]) == {
+        "key_field": "key",
+        "value_field": "value",
+    }
+    assert Aggregate.check_input({"key_field": "x"}, None) == {"key_field": "x"}  # no header
+    with pytest.raises(ValueError, match=r"unknown field 'regoin' \(option key_field\); .*: a, b"):
+        Aggregate.check_input({"key_field": "regoin"}, ["a", "b"])
+    with pytest.raises(ValueError, match=r"no column 'key' .*: id, region, amount"):
+        Aggregate.check_input({}, ["id", "region", "amount"])
+
+
+def test_write_files_leaves_its_directory_to_the_first_item_it_writes(tmp_path: Path) -> None:
+    target = tmp_path / "later"
+    handler = WriteFiles({"directory": str(target)})
+    assert not target.exists()
+    handler.process({"n": 1}, "b:1")
+    assert (target / "b-1.json").exists()
