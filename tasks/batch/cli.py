@@ -123,7 +123,8 @@ def submit(
     wait_: bool,
     as_json: bool,
 ) -> None:
-    """Submit every row of FILE (CSV or JSONL) to HANDLER.
+    """Submit every row of FILE (CSV or JSONL) to HANDLER; the batch id is shown as soon as
+    the batch exists, before its chunks are published.
 
     Exits 2 when the arguments are wrong (nothing submitted), 1 when publishing failed part-way
     (the batch is left in state publish_failed) or, with --wait, when the batch did not complete.

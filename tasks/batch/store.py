@@ -8,6 +8,7 @@ after the batch's last change, refreshed by each write):
 ``conveyor:batch:<id>:done``              hash ``<attempt>:<chunk>`` -> 1: chunks already counted
 ``conveyor:batch:<id>:partials``          hash ``<attempt>:<chunk>`` -> JSON: per-chunk map results
 ``conveyor:batch:<id>:failures``          hash ``<index>`` -> JSON: failed items of this attempt
+                                          (and the input errors a retry left failed)
 ``conveyor:batch:<id>:retrying:<n>``      hash, like failures: the items attempt n re-runs
 ``conveyor:batch:<id>:result``            string, JSON: the reduced result once completed
 ``conveyor:batches``                      sorted set, the index: every kept batch's id, score =
