@@ -8,8 +8,13 @@ after the batch's last change, refreshed by each write):
 ``conveyor:batch:<id>:done``              hash ``<attempt>:<chunk>`` -> 1: chunks already counted
 ``conveyor:batch:<id>:partials``          hash ``<attempt>:<chunk>`` -> JSON: per-chunk map results
 ``conveyor:batch:<id>:failures``          hash ``<index>`` -> JSON: failed items of this attempt
+                                          (and the input errors a retry left failed)
 ``conveyor:batch:<id>:retrying:<n>``      hash, like failures: the items attempt n re-runs
 ``conveyor:batch:<id>:result``            string, JSON: the reduced result once completed
+``conveyor:batches``                      sorted set, the index: every kept batch's id, score =
+                                          creation time; listing and monitoring read it, so
+                                          nothing scans the keyspace. An entry is removed once
+                                          its batch has expired (``BatchStore.prune_index``).
 
 Counting is exactly once because a chunk's outcome is recorded by one Lua script that first
 sets the chunk's "done" marker with HSETNX: a redelivered chunk finds the marker and changes
@@ -22,17 +27,23 @@ of two finalize runs at the same time only one sends it.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from importlib import resources
 from typing import Any, cast
 
 import redis
+from celery import Celery
+
+from core.clock import iso
+from core.redis import client as redis_client
 
 PREFIX = "conveyor:batch:"
+#: The batch index: ids by creation time (not under PREFIX: it is no batch's part).
+INDEX = "conveyor:batches"
+#: Index entries checked at a time when pruning those whose batch has expired.
+_PRUNE_PAGE = 200
 
 #: A batch whose producer raised before every chunk was published: the reason is in ``error``,
 #: and the chunks it did publish are skipped, as after a cancel. Submit it again.
@@ -40,150 +51,31 @@ PUBLISH_FAILED = "publish_failed"
 #: Final states: only a retry (of completed_with_failures) leaves one.
 FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled", PUBLISH_FAILED})
 
-# Shared by the scripts below: ready to finalize = the attempt is fully published, every item
-# of it has an outcome, it is not finalized yet and nobody cancelled the batch.
-_READY = """
-local function ready(meta)
-  local m = redis.call('HMGET', meta, 'attempt', 'published', 'processed', 'total',
-                       'finalized', 'cancelled')
-  if m[6] then return 0 end
-  if m[2] ~= m[1] or m[5] == m[1] then return 0 end
-  if tonumber(m[3] or '0') < tonumber(m[4] or '0') then return 0 end
-  return 1
-end
-local function touch(ttl, ...)
-  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
-end
-"""
+#: Lua scripts, one file each under lua/ (package data), read once at import.
+_SCRIPTS = resources.files("tasks.batch") / "lua"
+#: The scripts that use ready() and touch(): lua/ready.lua is prepended to them.
+_USE_READY = frozenset({"record_chunk", "mark_published", "finalize"})
 
-#: KEYS meta done partials failures; ARGV field succeeded failed skipped partial ttl
-#: then index/json pairs of failures. Returns {counted (0/1), ready (0/1)}.
-_RECORD_CHUNK = (
-    _READY
-    + """
-if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then
-  return {0, ready(KEYS[1])}
-end
-local succeeded, failed, skipped = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'succeeded', succeeded)
-redis.call('HINCRBY', KEYS[1], 'failed', failed)
-redis.call('HINCRBY', KEYS[1], 'skipped', skipped)
-redis.call('HINCRBY', KEYS[1], 'processed', succeeded + failed)
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
-touch(tonumber(ARGV[6]), KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return {1, ready(KEYS[1])}
-"""
-)
 
-#: KEYS meta; ARGV attempt total chunks ttl. Returns ready (0/1).
-_MARK_PUBLISHED = (
-    _READY
-    + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'published', ARGV[1], 'total', ARGV[2], 'chunks', ARGV[3])
-touch(tonumber(ARGV[4]), KEYS[1])
-return ready(KEYS[1])
-"""
-)
+def _script(name: str) -> str:
+    text = (_SCRIPTS / f"{name}.lua").read_text(encoding="utf-8")
+    return _script("ready") + text if name in _USE_READY else text
 
-#: KEYS meta result; ARGV attempt state result now ttl. Returns 1 if this call finalized.
-_FINALIZE = (
-    _READY
-    + """
-if ready(KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'finalized', ARGV[1], 'state', ARGV[2], 'finished_at', ARGV[4])
-redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[5]))
-touch(tonumber(ARGV[5]), KEYS[1])
-return 1
-"""
-)
 
-#: KEYS meta; ARGV now. Returns {cancelled, handler, options}; notes the batch's start.
-_BEGIN_CHUNK = """
-local m = redis.call('HMGET', KEYS[1], 'cancelled', 'handler', 'options')
-if not m[1] and m[2] then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1]) end
-return {m[1] and 1 or 0, m[2] or '', m[3] or '{}'}
-"""
-
-#: KEYS meta; ARGV now ttl. Returns 1 if this call cancelled the batch.
-_CANCEL = """
-local m = redis.call('HMGET', KEYS[1], 'state', 'handler')
-if not m[2] then return -1 end
-if m[1] then return 0 end
-redis.call('HSET', KEYS[1], 'cancelled', '1', 'state', 'cancelled', 'finished_at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-
-#: KEYS meta; ARGV attempt reason now ttl total ('' for a retry attempt: the total is known).
-#: Ends an attempt whose publishing raised: returns 1 if it set publish_failed, 0 if the batch
-#: had already finished (cancelled) or moved on to another attempt, -1 if it is unknown.
-_FAIL_PUBLISH = """
-local m = redis.call('HMGET', KEYS[1], 'attempt', 'state', 'handler')
-if not m[3] then return -1 end
-if m[1] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'error', ARGV[2])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'total', ARGV[5]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-if m[2] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'publish_failed', 'cancelled', '1', 'finished_at', ARGV[3])
-return 1
-"""
-
-#: KEYS meta; ARGV field token lease_ms ttl. Claims the sending of an attempt's callback, the
-#: field holding ``claimed:<token>:<lease end, ms>`` and then ``sent``. Returns {1, 0} when
-#: claimed (also a claim whose lease ended: its holder died before sending), {0, ms left} while
-#: another run's lease lasts, {2, 0} once sent. Redis's clock, not the workers', times leases.
-_CLAIM_CALLBACK = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local held = redis.call('HGET', KEYS[1], ARGV[1])
-if held then
-  local lease_end = string.match(held, '^claimed:[^:]*:(%d+)$')
-  if not lease_end then return {2, 0} end
-  if tonumber(lease_end) > now_ms then return {0, tonumber(lease_end) - now_ms} end
-end
-local lease_end = string.format('%.0f', now_ms + tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], ARGV[1], 'claimed:' .. ARGV[2] .. ':' .. lease_end)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return {1, 0}
-"""
-
-#: KEYS meta; ARGV field token outcome ttl. If this run still holds the claim: outcome 'sent'
-#: marks the callback sent, '' releases the claim (the send raised). Returns 1 if it held it.
-_SETTLE_CALLBACK = """
-local held = redis.call('HGET', KEYS[1], ARGV[1])
-local mine = 'claimed:' .. ARGV[2] .. ':'
-if not held or string.sub(held, 1, #mine) ~= mine then return 0 end
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return 1
-"""
-
-#: KEYS meta failures; ARGV ttl. Starts the next attempt with the failed items: returns
-#: {attempt, retrying key suffix} or {0, reason}.
-_BEGIN_RETRY = """
-local m = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'failed', 'handler')
-if not m[4] then return {0, 'unknown batch'} end
-if m[1] ~= 'completed_with_failures' then
-  return {0, 'only a batch in state completed_with_failures can be retried (state: '
-             .. tostring(m[1] or 'running') .. ')'}
-end
-local attempt = tonumber(m[2]) + 1
-local retrying = KEYS[1] .. ':retrying:' .. attempt
-redis.call('RENAME', KEYS[2], retrying)
-redis.call('HINCRBY', KEYS[1], 'processed', -tonumber(m[3]))
-redis.call('HSET', KEYS[1], 'failed', '0', 'attempt', attempt)
-redis.call('HDEL', KEYS[1], 'state', 'finished_at')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-redis.call('EXPIRE', retrying, tonumber(ARGV[1]))
-return {attempt, retrying}
-"""
+SCRIPTS = {
+    name: _script(name)
+    for name in (
+        "record_chunk",
+        "mark_published",
+        "finalize",
+        "begin_chunk",
+        "cancel",
+        "fail_publish",
+        "claim_callback",
+        "settle_callback",
+        "begin_retry",
+    )
+}
 
 
 class BatchNotFound(LookupError):
@@ -218,41 +110,22 @@ class Status:
         return asdict(self)
 
 
-def _iso(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(float(value), UTC).isoformat(timespec="milliseconds")
-
-
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(url: str) -> redis.Redis:
-    """One connection pool per process and URL (pools must not cross a fork)."""
-    key = (os.getpid(), url)
-    with _clients_lock:
-        found = _clients.get(key)
-        if found is None:
-            found = _clients[key] = redis.Redis.from_url(url, decode_responses=True)
-        return found
-
-
 class BatchStore:
     """Reads and writes one Redis database's batches; every write refreshes the expiry."""
 
     def __init__(self, client: redis.Redis, *, expires: int) -> None:
         self.redis = client
         self.expires = int(expires)
-        self._record_chunk = client.register_script(_RECORD_CHUNK)
-        self._mark_published = client.register_script(_MARK_PUBLISHED)
-        self._finalize = client.register_script(_FINALIZE)
-        self._begin_chunk = client.register_script(_BEGIN_CHUNK)
-        self._cancel = client.register_script(_CANCEL)
-        self._begin_retry = client.register_script(_BEGIN_RETRY)
-        self._fail_publish = client.register_script(_FAIL_PUBLISH)
-        self._claim_callback = client.register_script(_CLAIM_CALLBACK)
-        self._settle_callback = client.register_script(_SETTLE_CALLBACK)
+        script = {name: client.register_script(text) for name, text in SCRIPTS.items()}
+        self._record_chunk = script["record_chunk"]
+        self._mark_published = script["mark_published"]
+        self._finalize = script["finalize"]
+        self._begin_chunk = script["begin_chunk"]
+        self._cancel = script["cancel"]
+        self._begin_retry = script["begin_retry"]
+        self._fail_publish = script["fail_publish"]
+        self._claim_callback = script["claim_callback"]
+        self._settle_callback = script["settle_callback"]
 
     @staticmethod
     def key(batch_id: str, part: str = "") -> str:
@@ -288,7 +161,11 @@ class BatchStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping=record)
             pipe.expire(key, self.expires)
+            pipe.zadd(INDEX, {batch_id: float(record["created_at"])})
             pipe.execute()
+        # Batches expire about in creation order, so the oldest entries are the stale ones:
+        # one page per submit keeps the index about as long as the batches kept.
+        self.prune_index(pages=1)
 
     def mark_published(self, batch_id: str, attempt: int, total: int, chunks: int) -> bool:
         """Record that every chunk of `attempt` is published; True if it is ready to finalize."""
@@ -321,18 +198,43 @@ class BatchStore:
             raise BatchNotFound(batch_id)
         return done == 1
 
-    def begin_retry(self, batch_id: str) -> tuple[int, str]:
-        """Open the next attempt; returns (attempt, key of the items to re-run)."""
-        if not self.redis.exists(self.key(batch_id)):
+    def begin_retry(self, batch_id: str, *, include_input_errors: bool = False) -> tuple[int, str]:
+        """Open the next attempt; returns (attempt, key of the items to re-run). Input errors
+        stay failed (`stays_failed`); ValueError if nothing is left to re-run."""
+        key = self.key(batch_id)
+        state = self.redis.hget(key, "state")
+        if state is None and not self.redis.exists(key):
             raise BatchNotFound(batch_id)
-        keys = [self.key(batch_id), self.key(batch_id, "failures")]
+        keys = [key, self.key(batch_id, "failures")]
         if not self.redis.exists(keys[1]):
             # RENAME needs a source; no failures means nothing to retry.
             raise ValueError(f"batch {batch_id} has no failed items to retry")
-        attempt, detail = self._begin_retry(keys=keys, args=[self.expires])
+        kept: list[str] = []
+        if state == "completed_with_failures":
+            kept = self._kept_failed(keys[1], include_input_errors)
+        attempt, detail = self._begin_retry(keys=keys, args=[self.expires, *kept])
         if int(attempt) == 0:
             raise ValueError(str(detail))
         return int(attempt), str(detail)
+
+    def _kept_failed(self, failures: str, include_input_errors: bool) -> list[str]:
+        """The indices of the failed items a retry leaves failed; ValueError if that is all."""
+        kept, total = [], 0
+        for index, raw in self.iter_hash(failures):
+            total += 1
+            if stays_failed(json.loads(raw), include_input_errors=include_input_errors):
+                kept.append(index)
+        if len(kept) == total:
+            hint = (
+                ""
+                if include_input_errors
+                else "; to re-run the invalid ones: --include-input-errors"
+            )
+            raise ValueError(
+                f"nothing to retry: all {total} failed item(s) are input errors, which fail "
+                f"the same way again{hint}"
+            )
+        return kept
 
     def iter_hash(self, key: str) -> Iterator[tuple[str, str]]:
         """Stream a hash in pages (HSCAN), never the whole of it at once."""
@@ -374,6 +276,11 @@ class BatchStore:
         counted, ready = self._record_chunk(keys=keys, args=args)
         return bool(counted), bool(ready)
 
+    def iter_values(self, key: str) -> Iterator[Any]:
+        """The JSON values of a hash, a page at a time."""
+        for _field, value in self.iter_hash(key):
+            yield json.loads(value)
+
     def iter_partials(self, batch_id: str) -> Iterator[Any]:
         for _field, value in self.iter_hash(self.key(batch_id, "partials")):
             yield json.loads(value)
@@ -409,39 +316,78 @@ class BatchStore:
 
     def status(self, batch_id: str) -> Status:
         meta = self.meta(batch_id)
-        number = {k: int(meta.get(k, 0)) for k in ("total", "succeeded", "failed", "skipped")}
-        published = meta.get("published") == meta["attempt"]
-        if "state" in meta:
-            state = meta["state"]
-        else:
-            state = "running" if "started_at" in meta else "pending"
-        started, finished = meta.get("started_at"), meta.get("finished_at")
-        elapsed = None
-        if started is not None:
-            elapsed = (float(finished) if finished else time.time()) - float(started)
-        done = number["succeeded"] + number["failed"]
-        result = None
-        if state in ("completed", "completed_with_failures"):
-            raw = self.redis.get(self.key(batch_id, "result"))
-            result = json.loads(raw) if raw else None
-        return Status(
-            id=batch_id,
-            handler=meta["handler"],
-            state=state,
-            attempt=int(meta["attempt"]),
-            published=published,
-            pending=max(0, number["total"] - done - number["skipped"]),
-            chunk_size=int(meta["chunk_size"]),
-            chunks=int(meta["chunks"]) if "chunks" in meta else None,
-            created_at=_iso(meta.get("created_at")),
-            started_at=_iso(started),
-            finished_at=_iso(finished),
-            elapsed_seconds=None if elapsed is None else round(elapsed, 3),
-            items_per_second=round(done / elapsed, 1) if elapsed else None,
-            result=result,
-            error=meta.get("error"),
-            **number,
-        )
+        raw: str | None = None
+        if meta.get("state") in ("completed", "completed_with_failures"):
+            raw = cast(str | None, self.redis.get(self.key(batch_id, "result")))
+        return _status(batch_id, meta, raw)
+
+    # --- the index -----------------------------------------------------------------------
+    def _missing(self, batch_ids: list[str]) -> list[str]:
+        """The ids among `batch_ids` whose record has expired."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.exists(self.key(batch_id))
+            found = pipe.execute()
+        return [batch_id for batch_id, there in zip(batch_ids, found, strict=True) if not there]
+
+    def prune_index(self, *, pages: int | None = None) -> int:
+        """Remove the index entries whose batch has expired, oldest first, at most `pages`
+        pages of entries (None: the whole index); returns how many it removed."""
+        removed = start = page = 0
+        while pages is None or page < pages:
+            ids = cast(list[str], self.redis.zrange(INDEX, start, start + _PRUNE_PAGE - 1))
+            if not ids:
+                break
+            stale = self._missing(ids)
+            if stale:
+                self.redis.zrem(INDEX, *stale)
+            removed += len(stale)
+            start += len(ids) - len(stale)
+            page += 1
+        return removed
+
+    def count(self) -> int:
+        """How many batches are kept, in any state."""
+        self.prune_index()
+        return int(self.redis.zcard(INDEX))
+
+    def _page(self, start: int, size: int) -> list[tuple[str, dict[str, str]]]:
+        """Index entries start..start+size-1, newest first, with their records ({}: gone)."""
+        ids = cast(list[str], self.redis.zrevrange(INDEX, start, start + size - 1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hgetall(self.key(batch_id))
+            metas = pipe.execute()
+        return list(zip(ids, metas, strict=True))
+
+    def _with_results(self, found: list[tuple[str, dict[str, str]]]) -> list[Status]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id, _meta in found:
+                pipe.get(self.key(batch_id, "result"))
+            raws = pipe.execute()
+        return [_status(i, meta, raw) for (i, meta), raw in zip(found, raws, strict=True)]
+
+    def statuses(
+        self, *, limit: int = 50, offset: int = 0, state: str | None = None
+    ) -> list[Status]:
+        """Kept batches, newest first: `limit` of them after skipping `offset` (counting only
+        batches in `state` when it is given). Reads the index a page at a time."""
+        found: list[tuple[str, dict[str, str]]] = []
+        start, skip = 0, offset
+        size = limit + offset if state is None else 500
+        while len(found) < limit:
+            page = self._page(start, max(size, 1))
+            if not page:
+                break
+            gone = [batch_id for batch_id, meta in page if not meta]
+            if gone:  # expired since they were indexed
+                self.redis.zrem(INDEX, *gone)
+            start += len(page) - len(gone)
+            kept = [(i, m) for i, m in page if m and state in (None, _state(m))]
+            used = min(skip, len(kept))
+            skip -= used
+            found += kept[used : used + limit - len(found)]
+        return self._with_results(found)
 
     def failures(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """The failed items of the current attempt, in no particular order."""
@@ -449,9 +395,73 @@ class BatchStore:
         for _index, value in self.iter_hash(self.key(batch_id, "failures")):
             yield json.loads(value)
 
+    def failure_count(self, batch_id: str) -> int:
+        """How many items of the current attempt failed (and are kept for a retry)."""
+        self.meta(batch_id)
+        return int(self.redis.hlen(self.key(batch_id, "failures")))
 
-def store_for(app: Any) -> BatchStore:
+    def failure_page(
+        self, batch_id: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The failed items of the current attempt by item index, `limit` from `offset`."""
+        self.meta(batch_id)
+        key = self.key(batch_id, "failures")
+        indices = sorted(int(index) for index in self.redis.hkeys(key))
+        wanted = indices[offset : None if limit is None else offset + limit]
+        page: list[dict[str, Any]] = []
+        for start in range(0, len(wanted), 1000):
+            values = self.redis.hmget(key, [str(i) for i in wanted[start : start + 1000]])
+            page += [json.loads(value) for value in values if value is not None]
+        return page
+
+
+def stays_failed(failure: Mapping[str, Any], *, include_input_errors: bool = False) -> bool:
+    """Whether a retry leaves a failed item failed: a row the producer could not read always
+    (it is read the same way again), an item the handler refused as invalid unless
+    `include_input_errors`. Records written before ``kind`` existed mark unreadable rows
+    with ``input_error``."""
+    kind = failure.get("kind") or ("unreadable" if failure.get("input_error") else "error")
+    return kind == "unreadable" or (kind == "invalid" and not include_input_errors)
+
+
+def _state(meta: Mapping[str, str]) -> str:
+    if "state" in meta:
+        return meta["state"]
+    return "running" if "started_at" in meta else "pending"
+
+
+def _status(batch_id: str, meta: Mapping[str, str], raw_result: str | None) -> Status:
+    """A batch's Status from its record and, once completed, its stored result."""
+    number = {k: int(meta.get(k, 0)) for k in ("total", "succeeded", "failed", "skipped")}
+    started, finished = meta.get("started_at"), meta.get("finished_at")
+    elapsed = None
+    if started is not None:
+        elapsed = (float(finished) if finished else time.time()) - float(started)
+    done = number["succeeded"] + number["failed"]
+    return Status(
+        id=batch_id,
+        handler=meta["handler"],
+        state=_state(meta),
+        attempt=int(meta["attempt"]),
+        published=meta.get("published") == meta["attempt"],
+        pending=max(0, number["total"] - done - number["skipped"]),
+        chunk_size=int(meta["chunk_size"]),
+        chunks=int(meta["chunks"]) if "chunks" in meta else None,
+        created_at=iso(meta.get("created_at")),
+        started_at=iso(started),
+        finished_at=iso(finished),
+        elapsed_seconds=None if elapsed is None else round(elapsed, 3),
+        items_per_second=round(done / elapsed, 1) if elapsed else None,
+        result=json.loads(raw_result) if raw_result else None,
+        error=meta.get("error"),
+        **number,
+    )
+
+
+def store_for(app: Celery) -> BatchStore:
     """The store of an app's configuration (conveyor_batch_redis_url, else the result backend)."""
     conf = app.conf
     url = conf.get("conveyor_batch_redis_url") or conf.result_backend
-    return BatchStore(client_for(str(url)), expires=int(conf.get("conveyor_batch_expires", 604800)))
+    return BatchStore(
+        redis_client(str(url)), expires=int(conf.get("conveyor_batch_expires", 604800))
+    )

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from core.redis import client as redis_client
 from tasks.schedule import overlap
 from tasks.schedule.entries import ENTRY_HEADER
 
@@ -23,13 +24,13 @@ LAST_SUCCESS_KEY = "conveyor:schedule:last_success"
 def _on_success(sender: Any = None, **_: Any) -> None:
     entry = overlap.header(sender.request, ENTRY_HEADER) if sender is not None else None
     if entry:
-        redis = overlap._client(sender.app.conf.redbeat_redis_url)
+        redis = redis_client(sender.app.conf.redbeat_redis_url)
         redis.hset(LAST_SUCCESS_KEY, str(entry), time.time())
 
 
 def read(app: Celery) -> dict[str, float]:
     """Unix time of each entry's last successful run, by entry name."""
-    recorded = overlap._client(app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
+    recorded = redis_client(app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
     return {str(name): float(at) for name, at in recorded.items()}
 
 
