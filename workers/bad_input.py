@@ -93,9 +93,14 @@ def _send_event(reason: str, queue: str) -> None:
         logger.warning("could not send the %s event: %r", REJECTED_EVENT, exc)
 
 
+def refused_content_or(exc: BaseException | None, reason: str) -> str:
+    """``content_disallowed`` when `exc` is kombu's refusal of a content type, else `reason`."""
+    return "content_disallowed" if type(exc).__name__ == "ContentDisallowed" else reason
+
+
 def dead_letter_undecodable(message: Any, exc: BaseException) -> None:
     """Replacement for Consumer.on_decode_error: dead-letter instead of ack (drop)."""
-    reason = "content_disallowed" if type(exc).__name__ == "ContentDisallowed" else "undecodable"
+    reason = refused_content_or(exc, "undecodable")
     count_rejection(reason, message, f"{type(exc).__name__}: {exc}")
     dead_letter(_consumer, message, Why(reason, type(exc).__name__, str(exc)))
 
@@ -240,8 +245,7 @@ def _unknown_task(message: Any, exc: Any = None) -> Why:
 
 
 def _invalid_task(message: Any, exc: Any = None) -> Why:
-    name = type(exc).__name__
-    return Why("content_disallowed" if name == "ContentDisallowed" else "malformed", name, str(exc))
+    return Why(refused_content_or(exc, "malformed"), type(exc).__name__, str(exc))
 
 
 def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
@@ -254,12 +258,8 @@ def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **
 
 
 def _on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
-    if exc is None:
-        reason = "not_a_task"  # no Celery task header: a plain message on a task queue
-    elif type(exc).__name__ == "ContentDisallowed":
-        reason = "content_disallowed"
-    else:
-        reason = "invalid_task"
+    # No exception: no Celery task header, a plain message on a task queue.
+    reason = "not_a_task" if exc is None else refused_content_or(exc, "invalid_task")
     count_rejection(reason, message, exc if exc is not None else "no task header")
 
 
