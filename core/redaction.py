@@ -1,14 +1,16 @@
-"""Keep every password in a URL setting out of `celery inspect conf` and Flower's config view.
+"""Keep passwords out of `celery inspect conf`, Flower's config view and dead-letter reasons.
 
 Celery masks settings whose names match its HIDDEN_SETTINGS pattern (API, KEY, PASS, ...) and
 the password in the broker and result-backend URLs, but not in other URL settings:
 `redbeat_redis_url` or `conveyor_idempotency_url` would be shown with the Redis password.
 The censoring function is wrapped so that the password of any URL-valued setting is masked,
-whatever the setting's name.
+whatever the setting's name. `redact_text` applies the same masking to free text (an
+exception's message), and also masks ``key=value`` pairs whose key names a secret.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +18,13 @@ from celery.app import utils
 from kombu.utils.url import maybe_sanitize_url
 
 MASK = "*" * 8
+#: A URL inside free text; masked when it carries credentials.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+#: ``password=...`` or ``api_key: ...`` in free text (names as in Celery's HIDDEN_SETTINGS).
+_SECRET_PAIR = re.compile(
+    r"(?i)\b([\w-]*(?:passw(?:or)?d|pwd|secret|token|api_?key|signature|authorization)[\w-]*)"
+    r"(\s*[=:]\s*)([^\s,;&'\")\]}]+)"
+)
 
 
 def _sanitize(value: Any) -> Any:
@@ -26,6 +35,12 @@ def _sanitize(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_sanitize(item) for item in value)
     return value
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL passwords and ``secret=value`` pairs masked."""
+    text = _URL.sub(lambda match: str(_sanitize(match.group(0))), text)
+    return _SECRET_PAIR.sub(lambda match: match.group(1) + match.group(2) + MASK, text)
 
 
 def install() -> None:
