@@ -394,3 +394,10 @@ def _apply_environment_overrides() -> None:
 
 
 _apply_environment_overrides()
+
+# --- Bounded reads of task states (ops-publish) ---
+#: Seconds an `AsyncResult(id).state` (or .result, .ready()) may take when Redis is down or
+#: frozen before it raises celery.exceptions.BackendGetMetaError: a web request reading a state
+#: must answer in seconds, not wait out the ~15 s of retries a worker's result store is given
+#: (result_backend_always_retry, which keeps protecting stored results). core/results.py.
+conveyor_result_read_timeout = float(os.environ.get("CONVEYOR_RESULT_READ_TIMEOUT", "3"))

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery.utils import uuid
+from kombu.exceptions import OperationalError
 
-from core.publisher import ConfirmedPublisher
+from core.publisher import ConfirmedPublisher, typed_broker_errors
 
 
 class BulkEnqueueError(Exception):
@@ -28,6 +29,11 @@ class BulkEnqueueError(Exception):
     def __init__(self, message: str, ids: list[str]) -> None:
         super().__init__(message)
         self.ids = ids
+
+
+class BulkPublishError(BulkEnqueueError, OperationalError):
+    """The broker failed during a bulk enqueue: also a kombu OperationalError, as every broker
+    failure at publish is."""
 
 
 def enqueue_many(
@@ -42,17 +48,22 @@ def enqueue_many(
 
     Arguments are checked against the task's signature and size limit as ``delay()`` checks
     them: a bad call is not published, and stops the enqueue with a BulkEnqueueError whose
-    cause is the TypeError/ValueError. `options` (queue, countdown, priority...) apply to every
-    message.
+    cause is the ValueError (tasks.base.check_publishable). A broker failure raises
+    BulkPublishError, which is also kombu's OperationalError. `options` (queue, countdown,
+    priority...) apply to every message.
     """
     conf = task.app.conf
     ids: list[str] = []
     refused: Exception | None = None
-    publisher = ConfirmedPublisher(
-        task.app,
-        max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
-        timeout=timeout or float(conf.conveyor_publish_timeout),
-    )
+    try:
+        with typed_broker_errors():
+            publisher = ConfirmedPublisher(
+                task.app,
+                max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
+                timeout=timeout or float(conf.conveyor_publish_timeout),
+            )
+    except OperationalError as exc:
+        raise BulkPublishError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
     try:
         for args in calls:
             task_id = uuid()
@@ -72,7 +83,8 @@ def enqueue_many(
         # Even when a call was refused: what went out before it is confirmed before we say so.
         publisher.wait(0)
     except Exception as exc:
-        raise BulkEnqueueError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
+        failure = BulkPublishError if isinstance(exc, OperationalError) else BulkEnqueueError
+        raise failure(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
     finally:
         publisher.connection.release()
     if refused is not None:
