@@ -36,8 +36,9 @@ OTHER = "other"
 MAX_NAMES = 200
 #: Native delayed delivery's routing key: 28 binary digits of the delay, then the queue's key.
 DELAYED_ROUTING_KEY = re.compile(r"^(?:[01]\.){28}")
-#: The type at the head of an exception's repr: `ValueError('...')` -> ValueError.
-EXCEPTION_TYPE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:\(|$)")
+#: The type at the head of an exception's repr: `ValueError('...')` -> ValueError, and
+#: `<HTTPError 410: 'Gone'>` (a repr of another form) -> HTTPError.
+EXCEPTION_TYPE = re.compile(r"^\s*<?([A-Za-z_][\w.]*)(?=[\s(:>]|$)")
 
 
 def _exception_type(exception: Any) -> str:

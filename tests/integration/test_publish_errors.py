@@ -71,7 +71,7 @@ def test_every_broker_failure_at_publish_is_an_operational_error_within_the_boun
         if case != "node down":  # kombu's own OperationalError after its retries
             assert isinstance(error, BrokerError) and error.__cause__ is not None, case
 
-        error, took = raised_within(lambda: enqueue_many(noop, [()]))  # noqa: B023
+        error, took = raised_within(lambda: enqueue_many(noop, [()]))
         assert isinstance(error, BulkPublishError), f"bulk, {case}: {error!r}"
         assert isinstance(error, OperationalError) and took < bound, f"bulk, {case}"
         app.close()
