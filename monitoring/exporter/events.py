@@ -38,14 +38,14 @@ MAX_NAMES = 200
 DELAYED_ROUTING_KEY = re.compile(r"^(?:[01]\.){28}")
 #: The type at the head of an exception's repr: `ValueError('...')` -> ValueError, and
 #: `<HTTPError 410: 'Gone'>` (a repr of another form) -> HTTPError.
-EXCEPTION_TYPE = re.compile(r"^\s*<?([A-Za-z_][\w.]*)(?=[\s(:>]|$)")
+EXCEPTION_TYPE = re.compile(r"^\s*(?:<([A-Za-z_][\w.]*)[\s:>]|([A-Za-z_][\w.]*)\s*(?:\(|$))")
 
 
 def _exception_type(exception: Any) -> str:
     """`ValueError('x')` -> `ValueError`: the type only, never the message (which may hold a
     URL or a secret); `unknown` when the text does not start with a type name."""
     found = EXCEPTION_TYPE.match(str(exception or ""))
-    return found.group(1) if found else "unknown"
+    return (found.group(1) or found.group(2)) if found else "unknown"
 
 
 class QueueLabels:
