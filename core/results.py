@@ -121,8 +121,8 @@ class RedisBackend(_CeleryRedisBackend):  # type: ignore[misc]
                 # Another attempt only while one more can finish in time.
                 if time.monotonic() + pause + bound / 2 > deadline:
                     raise BackendGetMetaError(  # type: ignore[call-arg]
-                        f"result store unreachable for {bound:g} s "
-                        f"(conveyor_result_read_timeout): {exc!r}",
+                        f"result store unreachable ({type(exc).__name__}: {exc}); reads "
+                        f"give up within conveyor_result_read_timeout = {bound:g} s",
                         task_id=task_id,
                     ) from exc
                 time.sleep(pause)

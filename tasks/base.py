@@ -120,7 +120,10 @@ def check_publishable(task: Any, args: Any, kwargs: Any) -> None:
     nothing is published.
     """
     check_binding(task, args, kwargs)
-    size = len(encode_arguments(args, kwargs))
+    try:
+        size = len(encode_arguments(args, kwargs))
+    except InvalidArguments as exc:
+        raise InvalidArguments(f"{task.name}: {exc}") from exc.__cause__
     check_argument_size(args, kwargs, int(task.app.conf.conveyor_max_argument_bytes), size)
     validate = getattr(task, "validate_arguments", None)
     if validate is None:
