@@ -52,34 +52,11 @@ def enqueue_many(
     BulkPublishError, which is also kombu's OperationalError. `options` (queue, countdown,
     priority...) apply to every message.
     """
-    conf = task.app.conf
     ids: list[str] = []
+    publisher = _open_publisher(task, ids, max_unconfirmed, timeout)
     refused: Exception | None = None
     try:
-        with typed_broker_errors():
-            publisher = ConfirmedPublisher(
-                task.app,
-                max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
-                timeout=timeout or float(conf.conveyor_publish_timeout),
-            )
-    except OperationalError as exc:
-        raise BulkPublishError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
-    try:
-        for args in calls:
-            task_id = uuid()
-            ids.append(task_id)
-            try:
-                publisher.send(
-                    task,
-                    list(args),
-                    task_id,
-                    repr(tuple(args)),
-                    ignore_result=bool(task.ignore_result),
-                    **options,
-                )
-            except (TypeError, ValueError) as exc:
-                refused = exc
-                break
+        refused = _publish_calls(publisher, task, calls, ids, options)
         # Even when a call was refused: what went out before it is confirmed before we say so.
         publisher.wait(0)
     except Exception as exc:
@@ -92,3 +69,43 @@ def enqueue_many(
             f"call {len(ids)} of {task.name} refused, not published: {refused}", ids
         ) from refused
     return ids
+
+
+def _open_publisher(
+    task: Any, ids: list[str], max_unconfirmed: int | None, timeout: float | None
+) -> ConfirmedPublisher:
+    conf = task.app.conf
+    try:
+        with typed_broker_errors():
+            return ConfirmedPublisher(
+                task.app,
+                max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
+                timeout=timeout or float(conf.conveyor_publish_timeout),
+            )
+    except OperationalError as exc:
+        raise BulkPublishError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
+
+
+def _publish_calls(
+    publisher: ConfirmedPublisher,
+    task: Any,
+    calls: Iterable[Sequence[Any]],
+    ids: list[str],
+    options: dict[str, Any],
+) -> Exception | None:
+    """Publish each call, adding its id to `ids`; returns the error of a refused call, if any."""
+    for args in calls:
+        task_id = uuid()
+        ids.append(task_id)
+        try:
+            publisher.send(
+                task,
+                list(args),
+                task_id,
+                repr(tuple(args)),
+                ignore_result=bool(task.ignore_result),
+                **options,
+            )
+        except (TypeError, ValueError) as exc:
+            return exc
+    return None

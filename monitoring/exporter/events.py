@@ -146,6 +146,10 @@ class TaskEvents:
         #: task-sent event goes out after the task's confirm, on another connection, and a
         #: bulk enqueue sends them in lists, so a worker may start a task first.
         self._started_early: OrderedDict[str, float] = OrderedDict()
+        self._declare_task_metrics(registry)
+        self._declare_rejection_metrics(registry)
+
+    def _declare_task_metrics(self, registry: CollectorRegistry) -> None:
         self.sent = Counter(
             "conveyor_tasks_sent", "Tasks published, by task and queue.", ["task", "queue"],
             registry=registry,
@@ -170,6 +174,8 @@ class TaskEvents:
         self.retried = Counter(
             "conveyor_tasks_retried", "Retries scheduled, by task.", ["task"], registry=registry
         )
+
+    def _declare_rejection_metrics(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
             "conveyor_tasks_rejected",
             "Tasks a worker rejected after accepting them (a Reject raised by the task, such as "

@@ -85,9 +85,12 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_a_state_read_answers_or_raises_within_the_bound_when_redis_is_away(
-    rabbit: RabbitNode, private_redis: RedisServer
+    rabbit: RabbitNode, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Celery prefers CELERY_RESULT_BACKEND (set by the session) to result_backend.
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", f"{private_redis.url}/0")
     app = producer_app(rabbit.url, f"{private_redis.url}/0")
+    assert app.backend.connparams["port"] == private_redis.port
     bound = float(app.conf.conveyor_result_read_timeout)
     assert bound <= 5, "a web request must get its answer within a few seconds"
     result = app.AsyncResult("no-such-task")
