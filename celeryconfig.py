@@ -298,6 +298,14 @@ beat_max_loop_interval = 5
 conveyor_beat_builtin_entries = True
 
 
+# --- Bounded reads of task states ---
+#: Seconds an `AsyncResult(id).state` (or .result, .ready()) may take when Redis is down or
+#: frozen before it raises celery.exceptions.BackendGetMetaError: a web request reading a state
+#: must answer in seconds, not wait out the ~15 s of retries a worker's result store is given
+#: (result_backend_always_retry, which keeps protecting stored results). core/results.py.
+conveyor_result_read_timeout: float = env("CONVEYOR_RESULT_READ_TIMEOUT", 3.0)
+
+
 # --- Environment overrides, then the settings derived from the final values --------------------
 #: Settings computed below from others: an override of one would not reach its sources.
 _DERIVED = {

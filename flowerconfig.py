@@ -8,8 +8,14 @@ FLOWER_BROKER_API and FLOWER_BASIC_AUTH may also come from *_FILE paths (Docker 
 
 from tornado.options import options
 
-from monitoring.flower import apply_secret_files, check, verify_management_api_with_broker_ca
+from monitoring.flower import (
+    apply_secret_files,
+    check,
+    keep_retry_until_next_attempt,
+    verify_management_api_with_broker_ca,
+)
 
 apply_secret_files(options)
 check(options)
 verify_management_api_with_broker_ca()
+keep_retry_until_next_attempt()

@@ -12,14 +12,47 @@ come within ``timeout`` raises: the caller never believes an unconfirmed chunk w
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any
 
+import amqp.exceptions
+from kombu.exceptions import OperationalError
+
 from core.events import sent_events
 
+#: What py-amqp and the socket raise when the broker refuses a publish or cannot be reached:
+#: a wrong password (AccessRefused), a missing vhost (NotAllowed), a closed connection, a
+#: nack, a timeout. None of them is a kombu OperationalError.
+RAW_BROKER_ERRORS: tuple[type[Exception], ...] = (
+    amqp.exceptions.AMQPError,
+    amqp.exceptions.MessageNacked,
+    OSError,  # ConnectionError, TimeoutError, socket errors
+)
 
-class PublishError(Exception):
+
+class BrokerError(OperationalError):
+    """The broker refused the publish or could not be reached; the original is __cause__.
+
+    A subclass of kombu.exceptions.OperationalError, the one error a caller needs to catch
+    for any broker failure at publish.
+    """
+
+
+class PublishError(BrokerError):
     """The broker refused (nacked) a message or did not confirm it in time."""
+
+
+@contextmanager
+def typed_broker_errors() -> Iterator[None]:
+    """Raise py-amqp's and the socket's errors as BrokerError (an OperationalError)."""
+    try:
+        yield
+    except OperationalError:
+        raise
+    except RAW_BROKER_ERRORS as exc:
+        raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class ConfirmedPublisher:
@@ -39,7 +72,8 @@ class ConfirmedPublisher:
         self.connection = app.connection_for_write(
             heartbeat=0, transport_options={"confirm_publish": False}
         )
-        channel: Any = self.connection.default_channel  # py-amqp's Channel underneath
+        with typed_broker_errors():
+            channel: Any = self.connection.default_channel  # py-amqp's Channel underneath
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
@@ -113,15 +147,18 @@ class ConfirmedPublisher:
                 raise PublishError(
                     f"{len(self._unconfirmed)} messages unconfirmed after {self.timeout}s"
                 )
-            try:
-                self.connection.drain_events(timeout=remaining)
-            except TimeoutError:  # socket.timeout is the same class
-                continue
+            self._drain(remaining)
         if self._nacked:
             raise PublishError(f"the broker refused {self._nacked} message(s)")
         if at_most == 0 and self.events is not None:
             # Every task is confirmed: their task-sent events may follow.
             self.events.flush()
+
+    def _drain(self, timeout: float) -> None:
+        """Take in the broker's acks and nacks for at most `timeout` seconds."""
+        # TimeoutError (socket.timeout is the same class): nothing came yet.
+        with typed_broker_errors(), suppress(TimeoutError):
+            self.connection.drain_events(timeout=timeout)
 
     def close(self) -> None:
         try:

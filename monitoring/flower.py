@@ -122,3 +122,49 @@ def verify_management_api_with_broker_ca() -> None:
         return management_api_tls(self.kwargs.get("broker_use_ssl"))
 
     broker.RabbitMQ._tls_kwargs = _tls_kwargs
+
+
+#: Events of a task's earlier publish that may reach a monitor after its task-retried event.
+STALE_AFTER_RETRY = frozenset({"sent", "received"})
+
+
+def keep_retry_until_next_attempt() -> None:
+    """Make Celery's event state (Flower's task list and API) keep RETRY until the next attempt.
+
+    `celery.events.state.Task.event` lets any event overwrite RETRY. A retry publishes the next
+    attempt's message with a buffered task-sent event (core/events.py) that reaches monitors
+    after the worker's task-retried, so a task waiting out its countdown showed PENDING while
+    `AsyncResult` said RETRY. Here a task-sent or task-received event stamped at or before the
+    retry keeps its fields (as Celery merges an out-of-order task-received) but not its state;
+    the next attempt's task-received or task-started, or its end, moves the task on.
+    """
+    from celery import states
+    from celery.events import state
+
+    task_class: Any = state.Task
+    original = task_class.event
+    if getattr(original, "keeps_retry", False):
+        return
+    keep = task_class.merge_rules[states.RECEIVED]
+
+    def event(
+        self: Any,
+        type_: str,
+        timestamp: float | None = None,
+        local_received: float | None = None,
+        fields: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        stale = (
+            self.state == states.RETRY
+            and type_ in STALE_AFTER_RETRY
+            and (timestamp or 0) <= (self.retried or 0)
+        )
+        if not stale:
+            return original(self, type_, timestamp, local_received, fields, **kwargs)  # type: ignore[no-any-return]
+        setattr(self, type_, timestamp)
+        self.__dict__.update({k: v for k, v in (fields or {}).items() if k in keep})
+        return None
+
+    event.keeps_retry = True  # type: ignore[attr-defined]
+    task_class.event = event

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any, NoReturn, TypeVar
 import amqp.exceptions
 import celery
 import kombu.exceptions
+import kombu.utils.json as kombu_json
 import redis
 import redis.exceptions
 from celery.exceptions import Reject, Retry
@@ -19,6 +19,7 @@ from celery.utils.log import get_task_logger
 
 from core.dead_letters import RetriesExhausted
 from core.events import sent_events
+from core.publisher import typed_broker_errors
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
 
 T = TypeVar("T")
@@ -68,27 +69,83 @@ def lease_wait_countdown(retry_after: float, rng: random.Random | None = None) -
     return max(0.0, retry_after) + (rng or random).uniform(0, LEASE_WAIT_JITTER)
 
 
-class ArgumentsTooLarge(ValueError):
+class InvalidArguments(ValueError):
+    """The arguments cannot be published for this task (see check_publishable)."""
+
+
+class ArgumentsMismatch(InvalidArguments, TypeError):
+    """The arguments don't bind to the task's signature. Also a TypeError, which is what
+    Celery's own check raised before."""
+
+
+class ArgumentsTooLarge(InvalidArguments):
     """The serialized arguments exceed conveyor_max_argument_bytes: pass an id, not the data."""
 
 
-def argument_size(args: Any, kwargs: Any) -> int | None:
-    """Bytes of args + kwargs as compact JSON; None when they do not serialize (Celery's own
-    encoder then fails with its clearer message)."""
+def encode_arguments(args: Any, kwargs: Any) -> str:
+    """args + kwargs as compact JSON, with Celery's JSON encoder (kombu's: Decimal, datetime,
+    date, time, UUID and bytes travel tagged and come back as the same type in the worker).
+    InvalidArguments names what cannot travel."""
     try:
-        return len(json.dumps([args or (), kwargs or {}], separators=(",", ":"), default=str))
-    except (TypeError, ValueError):
+        return kombu_json.dumps([args or (), kwargs or {}], separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArguments(f"task arguments are not JSON-serialisable: {exc}") from exc
+
+
+def argument_size(args: Any, kwargs: Any) -> int | None:
+    """Bytes of args + kwargs as compact JSON; None when they do not serialize."""
+    try:
+        return len(encode_arguments(args, kwargs))
+    except InvalidArguments:
         return None
 
 
-def check_argument_size(args: Any, kwargs: Any, limit: int) -> None:
+def check_argument_size(args: Any, kwargs: Any, limit: int, size: int | None = None) -> None:
     """Raise ArgumentsTooLarge when args + kwargs serialize to more than `limit` bytes."""
-    size = argument_size(args, kwargs)
+    size = argument_size(args, kwargs) if size is None else size
     if size is not None and size > limit:
         raise ArgumentsTooLarge(
             f"task arguments serialize to {size} bytes; the limit is {limit} "
             "(conveyor_max_argument_bytes). Store the data elsewhere and pass its id."
         )
+
+
+def check_binding(task: Any, args: Any, kwargs: Any) -> None:
+    """Raise ArgumentsMismatch unless args and kwargs bind to the task's signature."""
+    if args is not None and not isinstance(args, list | tuple):
+        raise ArgumentsMismatch(f"{task.name}: args must be a list or tuple, not {type(args)}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ArgumentsMismatch(f"{task.name}: kwargs must be a dict, not {type(kwargs)}")
+    header = getattr(task, "__header__", None)
+    if header is None or not getattr(task, "typing", True):
+        return  # a class-based task, or one that asked for no checking (typing=False)
+    try:
+        header(*(args or ()), **(kwargs or {}))
+    except TypeError as exc:
+        raise ArgumentsMismatch(f"{task.name}: {exc}") from exc
+
+
+def check_publishable(task: Any, args: Any, kwargs: Any) -> None:
+    """Raise ValueError (InvalidArguments or a subclass) unless the call can be published and
+    used: the arguments bind to the signature, serialize to JSON as Celery sends them, stay
+    within conveyor_max_argument_bytes, and pass the task's own `validate_arguments` hook.
+
+    Runs in the caller's process (Task.apply_async calls it), so a bad call fails there and
+    nothing is published.
+    """
+    check_binding(task, args, kwargs)
+    try:
+        size = len(encode_arguments(args, kwargs))
+    except InvalidArguments as exc:
+        raise InvalidArguments(f"{task.name}: {exc}") from exc.__cause__
+    check_argument_size(args, kwargs, int(task.app.conf.conveyor_max_argument_bytes), size)
+    validate = getattr(task, "validate_arguments", None)
+    if validate is None:
+        return
+    try:
+        validate(tuple(args or ()), dict(kwargs or {}))
+    except TypeError as exc:
+        raise InvalidArguments(f"{task.name}: {exc}") from exc
 
 
 def publish_options(
@@ -130,7 +187,9 @@ def publish_options(
 class Task(celery.Task):  # type: ignore[type-arg]
     """Bounded publishing, transient-error retries, and dead-lettering when retries run out.
 
-    - every apply_async gets publish/confirm timeouts, whole-second delays and a size limit;
+    - every apply_async checks its arguments first (check_publishable: ValueError, nothing
+      published), gets publish/confirm timeouts and whole-second delays, and raises only
+      kombu's OperationalError for a broker failure (core.publisher.BrokerError);
     - TRANSIENT_ERRORS retry with exponential backoff and full jitter: retry n (from 0) waits
       a random 0 to min(2**n, retry_backoff_max) seconds, at most `max_retries` times, so with
       the defaults all five retries fit in 31 s (15.5 s on average); a task may change these;
@@ -286,7 +345,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         shadow: str | None = None,
         **options: Any,
     ) -> Any:
-        check_argument_size(args, kwargs, int(self.app.conf.conveyor_max_argument_bytes))
+        check_publishable(self, args, kwargs)
         options = publish_options(
             options,
             publish_timeout=float(self.app.conf.conveyor_publish_timeout),
@@ -298,9 +357,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
             # buffered, sent as a list at most conveyor_sent_event_interval later
             # (core/events.py).
             options.setdefault("event_dispatcher", sent_events(self.app))
-        return super().apply_async(
-            args, kwargs, task_id, producer, link, link_error, shadow, **options
-        )
+        with typed_broker_errors():
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+
+    def validate_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise ValueError when the call's arguments are unusable: runs in the caller's
+        process before publishing (check_publishable). Tasks override it; this accepts all."""
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         for hook in tuple(BEFORE_START):

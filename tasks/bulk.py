@@ -18,8 +18,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery.utils import uuid
+from kombu.exceptions import OperationalError
 
-from core.publisher import ConfirmedPublisher
+from core.publisher import ConfirmedPublisher, typed_broker_errors
 
 
 class BulkEnqueueError(Exception):
@@ -28,6 +29,11 @@ class BulkEnqueueError(Exception):
     def __init__(self, message: str, ids: list[str]) -> None:
         super().__init__(message)
         self.ids = ids
+
+
+class BulkPublishError(BulkEnqueueError, OperationalError):
+    """The broker failed during a bulk enqueue: also a kombu OperationalError, as every broker
+    failure at publish is."""
 
 
 def enqueue_many(
@@ -42,37 +48,20 @@ def enqueue_many(
 
     Arguments are checked against the task's signature and size limit as ``delay()`` checks
     them: a bad call is not published, and stops the enqueue with a BulkEnqueueError whose
-    cause is the TypeError/ValueError. `options` (queue, countdown, priority...) apply to every
-    message.
+    cause is the ValueError (tasks.base.check_publishable). A broker failure raises
+    BulkPublishError, which is also kombu's OperationalError. `options` (queue, countdown,
+    priority...) apply to every message.
     """
-    conf = task.app.conf
     ids: list[str] = []
+    publisher = _open_publisher(task, ids, max_unconfirmed, timeout)
     refused: Exception | None = None
-    publisher = ConfirmedPublisher(
-        task.app,
-        max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
-        timeout=timeout or float(conf.conveyor_publish_timeout),
-    )
     try:
-        for args in calls:
-            task_id = uuid()
-            ids.append(task_id)
-            try:
-                publisher.send(
-                    task,
-                    list(args),
-                    task_id,
-                    repr(tuple(args)),
-                    ignore_result=bool(task.ignore_result),
-                    **options,
-                )
-            except (TypeError, ValueError) as exc:
-                refused = exc
-                break
+        refused = _publish_calls(publisher, task, calls, ids, options)
         # Even when a call was refused: what went out before it is confirmed before we say so.
         publisher.wait(0)
     except Exception as exc:
-        raise BulkEnqueueError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
+        failure = BulkPublishError if isinstance(exc, OperationalError) else BulkEnqueueError
+        raise failure(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
     finally:
         publisher.connection.release()
     if refused is not None:
@@ -80,3 +69,43 @@ def enqueue_many(
             f"call {len(ids)} of {task.name} refused, not published: {refused}", ids
         ) from refused
     return ids
+
+
+def _open_publisher(
+    task: Any, ids: list[str], max_unconfirmed: int | None, timeout: float | None
+) -> ConfirmedPublisher:
+    conf = task.app.conf
+    try:
+        with typed_broker_errors():
+            return ConfirmedPublisher(
+                task.app,
+                max_unconfirmed=max_unconfirmed or int(conf.conveyor_bulk_max_unconfirmed),
+                timeout=timeout or float(conf.conveyor_publish_timeout),
+            )
+    except OperationalError as exc:
+        raise BulkPublishError(f"bulk enqueue of {task.name} failed: {exc}", ids) from exc
+
+
+def _publish_calls(
+    publisher: ConfirmedPublisher,
+    task: Any,
+    calls: Iterable[Sequence[Any]],
+    ids: list[str],
+    options: dict[str, Any],
+) -> Exception | None:
+    """Publish each call, adding its id to `ids`; returns the error of a refused call, if any."""
+    for args in calls:
+        task_id = uuid()
+        ids.append(task_id)
+        try:
+            publisher.send(
+                task,
+                list(args),
+                task_id,
+                repr(tuple(args)),
+                ignore_result=bool(task.ignore_result),
+                **options,
+            )
+        except (TypeError, ValueError) as exc:
+            return exc
+    return None

@@ -12,7 +12,10 @@ import hmac
 import json
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import asdict, dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,6 +53,17 @@ def sign(body: bytes, secret: str) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _json_value(value: Any) -> str:
+    """The JSON form of the values a payload may hold beyond JSON's own: Decimal as its exact
+    string ("1.50", no float rounding), datetime/date/time as ISO 8601, UUID as its canonical
+    string. These arrive in the worker as the same types (kombu's JSON tags them)."""
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def validate_request(url: str, event: str, payload: dict[str, Any]) -> bytes:
     """Check the caller's input and return the body; ValueError says what is wrong."""
     parts = urlsplit(url)
@@ -59,7 +73,11 @@ def validate_request(url: str, event: str, payload: dict[str, Any]) -> bytes:
         raise ValueError("webhook event must be a non-empty string")
     if not isinstance(payload, dict):
         raise ValueError(f"webhook payload must be a JSON object, got {type(payload).__name__}")
-    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True, default=_json_value)
+    except (TypeError, ValueError) as exc:  # ValueError: a circular reference
+        raise ValueError(f"webhook payload cannot be sent as JSON: {exc}") from exc
+    body = text.encode()
     if len(body) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"webhook payload is {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
     return body
@@ -97,9 +115,15 @@ def post_event(
     return DeliveryResult(status=status, url=url, event=event)
 
 
+def _validate_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """deliver's check in the caller's process (Task.validate_arguments)."""
+    validate_request(*args, **kwargs)
+
+
 @app.task(
     name="webhooks.deliver",
     bind=True,
+    validate_arguments=staticmethod(_validate_call),
     autoretry_for=(TransientDeliveryError,),
     retry_backoff=5,
     retry_backoff_max=600,
@@ -121,6 +145,6 @@ def deliver(self: Any, url: str, event: str, payload: dict[str, Any]) -> dict[st
 
 
 def enqueue(url: str, event: str, payload: dict[str, Any]) -> Any:
-    """Validate in the caller's process, then publish: bad input fails at the call, not later."""
-    validate_request(url, event, payload)
+    """deliver.delay: bad input raises ValueError at the call (deliver's validate_arguments),
+    and nothing is published."""
     return deliver.delay(url, event, payload)

@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from monitoring import queue_stats
-from monitoring.exporter.events import TaskEvents
+from monitoring.exporter.events import TaskEvents, configured_queues
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def build_registry(
 ) -> tuple[CollectorRegistry, TaskEvents | None]:
     """The exporter's registry: broker figures, event figures and the configured extensions."""
     registry = CollectorRegistry()
-    events = TaskEvents(registry) if with_events else None
+    events = TaskEvents(registry, queues=configured_queues(app.conf)) if with_events else None
     registry.register(BrokerCollector(app, events, api_url))
     for path in app.conf.get("conveyor_metrics_collectors") or ():
         registry.register(symbol_by_name(path)(app))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from workers.bad_input import REJECTED_EVENT
@@ -26,10 +29,66 @@ MAX_TRACKED_TASKS = 100_000
 RECONNECT_INTERVAL = 2.0
 
 
+#: Label value for a queue outside the closed set, a task or exception type past the limit.
+OTHER = "other"
+#: Distinct task names (and exception types) a counter may label: tasks are named in code, so
+#: a real deployment stays far below this; a publisher inventing names cannot grow the series.
+MAX_NAMES = 200
+#: Native delayed delivery's routing key: 28 binary digits of the delay, then the queue's key.
+DELAYED_ROUTING_KEY = re.compile(r"^(?:[01]\.){28}")
+#: The type at the head of an exception's repr: `ValueError('...')` -> ValueError, and
+#: `<HTTPError 410: 'Gone'>` (a repr of another form) -> HTTPError.
+EXCEPTION_TYPE = re.compile(r"^\s*(?:<([A-Za-z_][\w.]*)[\s:>]|([A-Za-z_][\w.]*)\s*(?:\(|$))")
+
+
 def _exception_type(exception: Any) -> str:
-    """`ValueError('x')` -> `ValueError`: one label value per type, not per message."""
-    text = str(exception or "")
-    return text.split("(", 1)[0].strip() or "unknown"
+    """`ValueError('x')` -> `ValueError`: the type only, never the message (which may hold a
+    URL or a secret); `unknown` when the text does not start with a type name."""
+    found = EXCEPTION_TYPE.match(str(exception or ""))
+    return (found.group(1) or found.group(2)) if found else "unknown"
+
+
+class QueueLabels:
+    """Maps a queue name, a routing key or a delayed-delivery routing key to a declared queue's
+    name, or `other`: the closed set of queue label values."""
+
+    def __init__(self, queues: Iterable[Queue]) -> None:
+        self.by_key: dict[str, str] = {}
+        for queue in queues:
+            self.by_key[queue.name] = queue.name
+            self.by_key.setdefault(str(queue.routing_key or queue.name), queue.name)
+        self.values = frozenset([*self.by_key.values(), OTHER])
+
+    def __call__(self, *candidates: Any) -> str:
+        for candidate in candidates:
+            if candidate:
+                key = DELAYED_ROUTING_KEY.sub("", str(candidate))
+                return self.by_key.get(key, OTHER)
+        return OTHER
+
+
+class NameLabels:
+    """The first `limit` distinct names as themselves, later ones as `other`."""
+
+    def __init__(self, limit: int = MAX_NAMES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, name: Any) -> str:
+        text = str(name or "unknown")
+        if text in self.seen:
+            return text
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(text)
+        return text
+
+
+def configured_queues(conf: Any = None) -> list[Queue]:
+    """The task queues and the dead-letter queue of `conf` (an app's), or of celeryconfig."""
+    if conf is None:
+        import celeryconfig as conf
+    return [*conf.task_queues, Queue(conf.conveyor_dead_letter_queue)]
 
 
 def _timestamp(value: Any) -> float | None:
@@ -56,8 +115,30 @@ class _Waiting:
 class TaskEvents:
     """Task counters and waiting times, fed with Celery events (one dict per event)."""
 
-    def __init__(self, registry: CollectorRegistry, max_tracked: int = MAX_TRACKED_TASKS) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        max_tracked: int = MAX_TRACKED_TASKS,
+        *,
+        queues: Iterable[Queue] | None = None,
+    ) -> None:
         self.max_tracked = max_tracked
+        #: Every label value comes from a closed set (docs/monitoring.md): the declared queues
+        #: and `other`; at most MAX_NAMES task names and exception types, then `other`.
+        self.queue_label = QueueLabels(configured_queues() if queues is None else queues)
+        self.task_label = NameLabels()
+        self.exception_label = NameLabels()
+        self.reason_label = NameLabels()
+        self._handlers: dict[str, Callable[[str, dict[str, Any], float], None]] = {
+            "task-sent": self._on_sent,
+            "task-received": self._on_received,
+            "task-started": self._on_started,
+            "task-succeeded": self._on_succeeded,
+            "task-failed": self._on_failed,
+            "task-retried": self._on_retried,
+            "task-rejected": self._on_rejected,
+            "task-revoked": self._on_revoked,
+        }
         self._lock = threading.Lock()
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self._names: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -65,6 +146,10 @@ class TaskEvents:
         #: task-sent event goes out after the task's confirm, on another connection, and a
         #: bulk enqueue sends them in lists, so a worker may start a task first.
         self._started_early: OrderedDict[str, float] = OrderedDict()
+        self._declare_task_metrics(registry)
+        self._declare_rejection_metrics(registry)
+
+    def _declare_task_metrics(self, registry: CollectorRegistry) -> None:
         self.sent = Counter(
             "conveyor_tasks_sent", "Tasks published, by task and queue.", ["task", "queue"],
             registry=registry,
@@ -89,6 +174,8 @@ class TaskEvents:
         self.retried = Counter(
             "conveyor_tasks_retried", "Retries scheduled, by task.", ["task"], registry=registry
         )
+
+    def _declare_rejection_metrics(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
             "conveyor_tasks_rejected",
             "Tasks a worker rejected after accepting them (a Reject raised by the task, such as "
@@ -123,65 +210,74 @@ class TaskEvents:
             self._names.popitem(last=False)
 
     def _identity(self, uuid: str) -> tuple[str, str]:
-        return self._names.get(uuid, ("unknown", "unknown"))
+        return self._names.get(uuid, ("unknown", OTHER))
 
     # --- events ----------------------------------------------------------------------------
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type", "")
         if kind == REJECTED_EVENT:
-            reason, queue = str(event.get("reason") or "unknown"), str(event.get("queue") or "-")
-            self.messages_rejected.labels(reason, queue).inc()
+            reason = self.reason_label(event.get("reason"))
+            self.messages_rejected.labels(reason, self.queue_label(event.get("queue"))).inc()
             return
+        handler = self._handlers.get(kind)
         uuid = event.get("uuid")
-        if not kind.startswith("task-") or not uuid:
+        if handler is None or not uuid:
             return
-        now = time.time()
         with self._lock:
-            if kind == "task-sent":
-                name = str(event.get("name") or "unknown")
-                queue = str(event.get("queue") or event.get("routing_key") or "unknown")
-                self._remember(uuid, name, queue)
-                self.sent.labels(name, queue).inc()
-                sent = float(event.get("timestamp") or now)
-                eta = _timestamp(event.get("eta"))
-                due = max(sent, eta or sent)
-                started_at = self._started_early.pop(uuid, None)
-                if started_at is not None:
-                    # Already started: record its wait instead of tracking it as waiting.
-                    self.wait.labels(name, queue).observe(max(0.0, started_at - due))
-                    return
-                self._waiting[uuid] = _Waiting(name, queue, due, now)
-                self._waiting.move_to_end(uuid)
-                while len(self._waiting) > self.max_tracked:
-                    self._waiting.popitem(last=False)
-                    self.forgotten.inc()
-            elif kind == "task-received":
-                if uuid not in self._names:
-                    delivery = event.get("routing_key") or "unknown"
-                    self._remember(uuid, str(event.get("name") or "unknown"), str(delivery))
-            elif kind == "task-started":
-                waiting = self._waiting.pop(uuid, None)
-                started = float(event.get("timestamp") or now)
-                if waiting is not None:
-                    delay = max(0.0, started - waiting.since)
-                    self.wait.labels(waiting.name, waiting.queue).observe(delay)
-                else:
-                    self._started_early[uuid] = started
-                    while len(self._started_early) > self.max_tracked:
-                        self._started_early.popitem(last=False)
-            elif kind == "task-succeeded":
-                self.succeeded.labels(self._identity(uuid)[0]).inc()
-            elif kind == "task-failed":
-                self._waiting.pop(uuid, None)
-                name = self._identity(uuid)[0]
-                self.failed.labels(name, _exception_type(event.get("exception"))).inc()
-            elif kind == "task-retried":
-                self.retried.labels(self._identity(uuid)[0]).inc()
-            elif kind == "task-rejected":
-                waiting = self._waiting.pop(uuid, None)
-                self.rejected.labels(waiting.queue if waiting else "unknown").inc()
-            elif kind == "task-revoked":
-                self._waiting.pop(uuid, None)
+            handler(str(uuid), event, time.time())
+
+    def _on_sent(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        name = self.task_label(event.get("name"))
+        queue = self.queue_label(event.get("queue"), event.get("routing_key"))
+        self._remember(uuid, name, queue)
+        self.sent.labels(name, queue).inc()
+        sent = float(event.get("timestamp") or now)
+        due = max(sent, _timestamp(event.get("eta")) or sent)
+        started_at = self._started_early.pop(uuid, None)
+        if started_at is not None:
+            # Already started: record its wait instead of tracking it as waiting.
+            self.wait.labels(name, queue).observe(max(0.0, started_at - due))
+            return
+        self._waiting[uuid] = _Waiting(name, queue, due, now)
+        self._waiting.move_to_end(uuid)
+        while len(self._waiting) > self.max_tracked:
+            self._waiting.popitem(last=False)
+            self.forgotten.inc()
+
+    def _on_received(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        if uuid not in self._names:
+            name = self.task_label(event.get("name"))
+            self._remember(uuid, name, self.queue_label(event.get("routing_key")))
+
+    def _on_started(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        waiting = self._waiting.pop(uuid, None)
+        started = float(event.get("timestamp") or now)
+        if waiting is not None:
+            self.wait.labels(waiting.name, waiting.queue).observe(max(0.0, started - waiting.since))
+            return
+        self._started_early[uuid] = started
+        while len(self._started_early) > self.max_tracked:
+            self._started_early.popitem(last=False)
+
+    def _on_succeeded(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        self.succeeded.labels(self._identity(uuid)[0]).inc()
+
+    def _on_failed(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        self._waiting.pop(uuid, None)
+        exception = self.exception_label(_exception_type(event.get("exception")))
+        self.failed.labels(self._identity(uuid)[0], exception).inc()
+
+    def _on_retried(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        self.retried.labels(self._identity(uuid)[0]).inc()
+
+    def _on_rejected(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        # The queue it came from, known since its task-sent or task-received event (it has
+        # usually started, so it is no longer among the waiting).
+        self._waiting.pop(uuid, None)
+        self.rejected.labels(self._identity(uuid)[1]).inc()
+
+    def _on_revoked(self, uuid: str, event: dict[str, Any], now: float) -> None:
+        self._waiting.pop(uuid, None)
 
     def nothing_ready_in(self, queue: str, observed_at: float) -> None:
         """The broker says `queue` has no ready message: what we still track there is gone.

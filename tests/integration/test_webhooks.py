@@ -5,12 +5,16 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from celery.exceptions import TimeoutError as ResultTimeout
+from celery.signals import before_task_publish
 
 from tasks import webhooks
 from tests.infra import WorkerProcess
@@ -94,3 +98,47 @@ def test_bad_webhook_input_fails_at_the_call_and_publishes_nothing(
         webhooks.enqueue("ftp://example.invalid/", "order.paid", {})
     with pytest.raises(TypeError):
         webhooks.deliver.delay("http://127.0.0.1/", "order.paid")  # payload missing
+
+
+def test_decimals_datetimes_and_uuids_reach_the_subscriber_as_documented(
+    worker: WorkerProcess, subscriber: Subscriber
+) -> None:
+    # Given a payload with the types kombu's JSON carries (README: "What a task accepts")
+    order = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    paid_at = datetime(2026, 12, 3, 18, 30, tzinfo=UTC)
+    payload = {"amount": Decimal("1.50"), "paid_at": paid_at, "order": order}
+
+    # When it is delivered through a real worker
+    result = webhooks.deliver.delay(subscriber.url, "order.paid", payload)
+
+    # Then the subscriber gets exact strings: no float rounding, ISO 8601, canonical UUID
+    assert result.get(timeout=20)["status"] == 200
+    [request] = subscriber.requests
+    assert request["body"] == {
+        "amount": "1.50",
+        "paid_at": "2026-12-03T18:30:00+00:00",
+        "order": "12345678-1234-5678-1234-567812345678",
+    }
+
+
+def test_what_a_webhook_cannot_carry_fails_at_the_call_with_value_error(
+    conveyor_app: Any,
+) -> None:
+    published: list[str] = []
+
+    def count(sender: str | None = None, **_: Any) -> None:
+        published.append(str(sender))
+
+    before_task_publish.connect(count, weak=False)
+    try:
+        for call in (webhooks.enqueue, webhooks.deliver.delay):
+            with pytest.raises(ValueError, match="JSON"):
+                call("http://127.0.0.1/", "order.paid", {"tags": {"a", "b"}})
+            with pytest.raises(ValueError, match="JSON"):
+                call("http://127.0.0.1/", "order.paid", {"blob": object()})
+        # deliver's own check (validate_arguments) runs in the caller's process too
+        with pytest.raises(ValueError, match="absolute http"):
+            webhooks.deliver.delay("ftp://example.invalid/", "order.paid", {})
+    finally:
+        before_task_publish.disconnect(count)
+    assert published == []

@@ -44,3 +44,29 @@ def hold(key: str, timeout: float = 60) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@app.task(name="tests.retry_later", bind=True, max_retries=1)
+def retry_later(self: Any, countdown: int) -> int:
+    """Asks for one retry `countdown` seconds later, then returns the number of retries."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=countdown)
+    return int(self.request.retries)
+
+
+@app.task(name="tests.always_retry", bind=True, max_retries=1)
+def always_retry(self: Any) -> None:
+    """Retries 1 s later until its retries run out; then it is rejected (dead-lettered)."""
+    raise self.retry(countdown=1)
+
+
+class Unreachable(Exception):
+    """An error whose repr is not `Type(...)` and holds a URL, as urllib's HTTPError's does."""
+
+    def __repr__(self) -> str:
+        return f"<Unreachable {self.args[0]}>"
+
+
+@app.task(name="tests.fail_unreachable")
+def fail_unreachable(url: str) -> None:
+    raise Unreachable(url)

@@ -92,7 +92,7 @@ def conveyor_metric_names(expressions: list[str]) -> set[str]:
 
 def test_the_dashboard_and_alerts_name_only_metrics_that_are_exported() -> None:
     """Names are checked against a live scrape in test_exporter; here against the code."""
-    source = (ROOT / "workers" / "metrics.py").read_text()
+    source = "".join(p.read_text() for p in (ROOT / "monitoring" / "exporter").glob("*.py"))
     for name in conveyor_metric_names(dashboard_expressions() + alert_expressions()):
         if name in EXTENSION_METRICS:
             continue

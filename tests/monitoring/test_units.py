@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from kombu import Queue
 from prometheus_client import CollectorRegistry
 
-from monitoring.exporter.events import TaskEvents, _exception_type
+from monitoring.exporter.events import NameLabels, TaskEvents, _exception_type, configured_queues
 from monitoring.flower import access_problem, is_loopback
 from tests.infra import ROOT
 from workers import logs
@@ -114,7 +115,51 @@ def test_one_variable_chooses_the_log_format(monkeypatch: pytest.MonkeyPatch) ->
 # --- Event bookkeeping of the exporter ---------------------------------------------------------
 def _events() -> tuple[TaskEvents, CollectorRegistry]:
     registry = CollectorRegistry()
-    return TaskEvents(registry, max_tracked=3), registry
+    queues = [*configured_queues(), Queue("q")]
+    return TaskEvents(registry, max_tracked=3, queues=queues), registry
+
+
+def test_the_queue_label_is_a_declared_queue_or_other() -> None:
+    events, registry = _events()
+    delayed = "0." * 25 + "1.1.0.default"  # native delayed delivery's routing key
+    for n, (queue, routing_key) in enumerate(
+        [(None, delayed), ("default", "default"), (None, "batch"), ("celery", "celery")]
+    ):
+        events.handle({"type": "task-sent", "uuid": str(n), "name": "t", "queue": queue,
+                       "routing_key": routing_key})  # fmt: skip
+    sent = {
+        queue: registry.get_sample_value("conveyor_tasks_sent_total", {"task": "t", "queue": queue})
+        for queue in ("default", "batch", "other")
+    }
+    assert sent == {"default": 2, "batch": 1, "other": 1}
+
+
+def test_a_rejected_task_is_counted_under_the_queue_it_came_from() -> None:
+    events, registry = _events()
+    events.handle({"type": "task-received", "uuid": "a", "name": "t", "routing_key": "batch"})
+    events.handle({"type": "task-started", "uuid": "a"})
+    events.handle({"type": "task-rejected", "uuid": "a"})
+    assert registry.get_sample_value("conveyor_tasks_rejected_total", {"queue": "batch"}) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("ValueError('https://user:pw@hooks.example/x')", "ValueError"),
+        ("<HTTPError 410: 'Gone'>", "HTTPError"),
+        ("tasks.webhooks.DeliveryRejected('x')", "tasks.webhooks.DeliveryRejected"),
+        ("KeyError", "KeyError"),
+        ("https://hooks.example/x answered 500", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_the_exception_label_is_the_type_never_the_message(text: str, label: str) -> None:
+    assert _exception_type(text) == label
+
+
+def test_past_the_limit_new_names_are_labelled_other() -> None:
+    names = NameLabels(limit=2)
+    assert [names(n) for n in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
 
 
 def test_the_wait_is_measured_from_sent_to_started() -> None:
