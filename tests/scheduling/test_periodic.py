@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from tasks.schedule import store
 from tasks.schedule.entries import EntrySpec
 from tasks.schedule.queue_health import LATEST_KEY, schedule_redis
 from tests.infra import wait_for
-from tests.scheduling.conftest import Scheduling, celery_cli
+from tests.scheduling.conftest import ACTIVE_LINE, STANDBY_LINE, Scheduling, celery_cli
 
 pytestmark = pytest.mark.integration
 
@@ -166,6 +167,35 @@ def test_both_the_active_and_a_standby_beat_answer_the_healthcheck_ping(
         )
         assert done.returncode == 0, done.stderr
         assert "pong" in done.stdout
+
+
+def test_a_second_beat_on_the_same_host_waits_quietly_and_takes_over(
+    sched: Scheduling,
+) -> None:
+    # Given an active beat, and a second one on the same host (the same celerybeat@ node)
+    node = f"celerybeat-samehost-{os.getpid()}@localhost"
+    first = sched.beat("samehost-1", node=node)
+    wait_for(first.is_active, 20, what="the first beat to take the lock")
+    second = sched.beat("samehost-2", node=node)
+
+    # When it has stood by for several lock attempts and remote-control retries (5 s each)
+    wait_for(lambda: STANDBY_LINE in second.log(), 20, what="the standby line")
+    time.sleep(11)
+
+    # Then it logged one line, and no traceback
+    waiting = second.log().split("beat: Starting...", 1)[1].strip().splitlines()
+    assert len(waiting) == 1 and STANDBY_LINE in waiting[0], waiting
+
+    # And when the active beat stops, it logs one line as it takes over, and answers ping
+    first.stop()
+    wait_for(second.is_active, 30, what="the standby to take over")
+    done = celery_cli(
+        *("inspect", "ping", "--destination", node, "--timeout", "10"),
+        env={"CELERY_BROKER_URL": sched.broker_url},
+    )
+    assert done.returncode == 0, done.stderr
+    after = second.log().split("beat: Starting...", 1)[1].strip().splitlines()
+    assert len(after) == 2 and ACTIVE_LINE in after[1], after
 
 
 @pytest.mark.parametrize(
