@@ -153,3 +153,21 @@ def test_the_monitoring_profile_adds_prometheus_and_grafana() -> None:
     # the exporter's port is not published at all.
     assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
     assert "ports" not in services["exporter"]
+
+
+def test_the_readme_says_which_workers_serve_the_priority_queue() -> None:
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    serving = [
+        name
+        for name, command in procfile.items()
+        for arg in command.split()
+        if arg.startswith("--queues=") and "priority" in arg.split("=", 1)[1].split(",")
+    ]
+    readme = (ROOT / "README.md").read_text()
+    urgent = next(part for part in readme.split("\n\n") if part.startswith("Urgent work"))
+    if len(serving) > 1:
+        assert "Both workers serve the `priority` queue" in urgent, serving
+    else:
+        assert serving == ["worker_priority"] and "only the priority worker" in urgent
