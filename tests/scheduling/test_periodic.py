@@ -205,22 +205,43 @@ def test_a_second_beat_on_the_same_host_waits_quietly_and_takes_over(
         (["--cron", "* * *"], "expected 5 fields"),
         (["--every", "5", "--queue", "nowhere"], "unknown queue 'nowhere'"),
         (["--every", "5", "--kwargs", "[1]"], "must be a JSON dict"),
+        (["--every", "0.1"], "every must be at least 1 second, got 0.1"),
+        (["--every", "5", "--args", "[1]"], "arguments do not match schedule.queue_health()"),
     ],
 )
 def test_the_command_line_rejects_bad_entries_clearly(
     schedule_app: Any, broker_url: str, args: list[str], message: str
 ) -> None:
     done = cli(schedule_app, "add", "bad", "schedule.queue_health", *args, broker_url=broker_url)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert store.list_entries(schedule_app) == []
 
 
 def test_the_command_line_rejects_an_unknown_task_name(schedule_app: Any, broker_url: str) -> None:
     done = cli(
         schedule_app, "add", "bad", "schedule.no_such", "--every", "5", broker_url=broker_url
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "unknown task 'schedule.no_such'" in done.stderr
+
+
+def test_cancel_says_not_found_for_an_unknown_id_and_cancels_a_waiting_job(
+    sched: Scheduling,
+) -> None:
+    from tests.scheduling import tasks as sched_tasks
+
+    unknown = cli(sched.app, "cancel", "not-a-task-id", "--json", broker_url=sched.broker_url)
+    assert unknown.returncode == 1
+    assert "not found" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert unknown.stdout == ""
+
+    waiting = sched_tasks.record.apply_async(("never",), countdown=3600)
+    done = cli(sched.app, "cancel", waiting.id, "--json", broker_url=sched.broker_url)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"task_id": waiting.id, "cancelled": True}
 
 
 @pytest.mark.slow
