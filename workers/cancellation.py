@@ -44,6 +44,12 @@ def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
+@functools.cache
+def _record_client(url: str) -> redis.Redis:
+    # Shorter still: this runs in the publisher's call, whose time is bounded and documented.
+    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
 def cancellation_key(task_id: str) -> str:
     return f"conveyor:cancelled:{task_id}"
 
@@ -75,7 +81,7 @@ def _on_published(sender: Any = None, headers: Any = None, **_: Any) -> None:
         due = due.replace(tzinfo=UTC)
     remaining = max(0, math.ceil((due - datetime.now(UTC)).total_seconds()))
     try:
-        client = _client(current_app.conf.redbeat_redis_url)
+        client = _record_client(current_app.conf.redbeat_redis_url)
         client.set(delayed_key(headers["id"]), "1", ex=remaining + DELAYED_RECORD_MARGIN)
     except redis.exceptions.RedisError as exc:
         logger.warning("cannot record delayed task %s for cancellation: %r", headers["id"], exc)
