@@ -16,6 +16,7 @@ def install(app: Celery) -> None:
         health,
         logs,
         shutdown,
+        summary,  # noqa: F401  registers the conveyor_summary inspect command
         tracing,
     )
 

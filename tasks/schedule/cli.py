@@ -1,7 +1,9 @@
 """``celery -A tasks schedule list|add|remove|pause|resume|run-now|cancel``.
 
 Registered in pyproject.toml under ``[project.entry-points."celery.commands"]``. Every command
-takes ``--json`` for machine-readable output; errors go to stderr with exit status 1.
+takes ``--json`` for machine-readable output. Errors are one line on stderr: exit status 2 for
+what cannot work (a bad entry, arguments the task does not take), 1 for what is not there (an
+unknown entry name or task id).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from celery.states import READY_STATES
 
 from tasks.schedule import store
 from tasks.schedule.entries import EntrySpec, InvalidEntry
@@ -24,8 +27,20 @@ def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
 
+class Refused(click.ClickException):
+    """What cannot work, refused before anything is stored: one line, exit status 2."""
+
+    exit_code = 2
+
+
+class NotFound(click.ClickException):
+    """No such entry or delayed job: one line, exit status 1."""
+
+    exit_code = 1
+
+
 def _fail(message: str) -> None:
-    raise click.ClickException(message)
+    raise Refused(message)
 
 
 def _json_arg(raw: str | None, what: str, kind: type) -> Any:
@@ -34,9 +49,9 @@ def _json_arg(raw: str | None, what: str, kind: type) -> Any:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=what) from exc
+        raise Refused(f"{what}: not valid JSON: {exc}") from exc
     if not isinstance(value, kind):
-        raise click.BadParameter(f"must be a JSON {kind.__name__}", param_hint=what)
+        raise Refused(f"{what}: must be a JSON {kind.__name__}")
     return value
 
 
@@ -128,7 +143,9 @@ def _by_name(action: Callable[[Any, str], Any]) -> Callable[[click.Context, str,
     def command(ctx: click.Context, name: str, as_json: bool) -> None:
         try:
             result = action(_app(ctx), name)
-        except (InvalidEntry, store.EntryNotFound) as exc:
+        except store.EntryNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except InvalidEntry as exc:
             _fail(str(exc))
         if isinstance(result, store.EntryView):
             _show(result, as_json)
@@ -153,11 +170,22 @@ for _name, _action, _help in (
 
 @schedule.command()
 @click.argument("task_id")
+@click.option("--force", is_flag=True, help="Record the cancellation even for an unknown id.")
 @json_option
 @click.pass_context
-def cancel(ctx: click.Context, task_id: str, as_json: bool) -> None:
+def cancel(ctx: click.Context, task_id: str, force: bool, as_json: bool) -> None:
     """Cancel delayed job TASK_ID before it runs (survives worker restarts)."""
     from workers.cancellation import cancel as cancel_job
+    from workers.cancellation import is_delayed
 
-    cancel_job(_app(ctx), task_id)
+    app = _app(ctx)
+    if not force and not is_delayed(app, task_id):
+        state = app.AsyncResult(task_id).state
+        if state in READY_STATES:
+            raise NotFound(f"task {task_id} has already finished ({state}); nothing to cancel")
+        raise NotFound(
+            f"no delayed job with id {task_id!r} was found (not found: a wrong id, or due more "
+            "than an hour ago); --force records the cancellation anyway"
+        )
+    cancel_job(app, task_id)
     click.echo(json.dumps({"task_id": task_id, "cancelled": True}) if as_json else task_id)

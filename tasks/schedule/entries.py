@@ -25,6 +25,11 @@ OVERLAP_HEADER = "conveyor_overlap"
 SLOT_HEADER = "conveyor_scheduled_for"
 
 
+#: The shortest period: beat fires an entry at most once per tick, and delayed delivery and
+#: the slot headers count in whole seconds, so a shorter one could not be kept.
+MIN_EVERY_SECONDS = 1.0
+
+
 class InvalidEntry(ValueError):
     """A schedule entry that cannot be stored; the message says what to fix."""
 
@@ -76,8 +81,11 @@ class EntrySpec:
             raise InvalidEntry("entry task name must be non-empty")
         if (self.every is None) == (self.cron is None):
             raise InvalidEntry(f"entry {self.name!r}: give exactly one of every or cron")
-        if self.every is not None and not self.every > 0:
-            raise InvalidEntry(f"entry {self.name!r}: every must be > 0 seconds")
+        if self.every is not None and not self.every >= MIN_EVERY_SECONDS:
+            raise InvalidEntry(
+                f"entry {self.name!r}: every must be at least {MIN_EVERY_SECONDS:g} second, "
+                f"got {self.every:g}"
+            )
         if not self.expires > 0:
             raise InvalidEntry(f"entry {self.name!r}: expires must be > 0 seconds")
         if self.cron is not None:

@@ -12,17 +12,28 @@ Conveyor changes three things about it:
   its next slot. Never a burst: an entry is due at most once per tick.
 - **Slot header.** Each run carries the slot it was fired for (``conveyor_scheduled_for``).
 
+- **A quiet standby on the same host.** Beat's remote-control node is named
+  ``celerybeat@<host>`` and consumes an exclusive queue, so a second beat on one host (two
+  systemd units, or a restart while the old process drains) cannot have it while the first
+  lives. Celery's node logs a traceback for that every 5 s; Conveyor's waits silently and
+  takes the queue over when the other beat's connection closes. Meanwhile the other beat
+  answers ``inspect ping`` for the host. A standby logs one line when it starts waiting and
+  one when it takes over.
+
 The handover bound: a beat killed without releasing the lock is replaced after at most
 ``redbeat_lock_timeout`` + ``beat_max_loop_interval`` seconds (20 + 5 by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime, timedelta
 from typing import Any
 
 import redis
+from amqp.exceptions import ResourceLocked
+from celery.beat import BeatPidbox  # type: ignore[attr-defined]  # new in Celery 5.7
 from celery.schedules import crontab
 from celery.signals import beat_init
 from celery.utils.log import get_logger
@@ -51,6 +62,44 @@ def connect() -> None:
     scheduler acquires it from tick() instead (see the module docstring).
     """
     beat_init.disconnect(acquire_distributed_beat_lock)
+
+
+class HostSharedPidbox(BeatPidbox):  # type: ignore[misc]
+    """Beat's remote-control node that waits quietly while its name is taken on this host."""
+
+    def _consume_from(self, connection: Any) -> None:
+        consumer = self._listen(connection)
+        if consumer is None:
+            return
+        logger.debug("beat pidbox: answering remote control as %s", self.hostname)
+        try:
+            while not self._shutdown.is_set():
+                with contextlib.suppress(TimeoutError):
+                    connection.drain_events(timeout=1.0)
+        finally:
+            consumer.cancel()
+
+    def _listen(self, connection: Any) -> Any:
+        """The node's consumer, once no other process on this host consumes its queue."""
+        while not self._shutdown.is_set():
+            self.node.channel = connection.channel()
+            try:
+                return self.node.listen(callback=self.on_message)
+            except ResourceLocked:
+                # Another beat on this host holds the exclusive queue and answers for it.
+                logger.debug("beat pidbox: %s is answered by another beat", self.hostname)
+                self._shutdown.wait(self.retry_interval)
+        return None
+
+
+@beat_init.connect(weak=False)
+def _install_host_shared_pidbox(sender: Any, **_: Any) -> None:
+    # Service.start() would build Celery's own node after this signal; a _pidbox already set
+    # with remote_control off is started here and still stopped by Service.start()'s finally.
+    if sender.remote_control:
+        sender.remote_control = False
+        sender._pidbox = HostSharedPidbox(sender)
+        sender._pidbox.start()
 
 
 def missed_slot_is_stale(
@@ -100,26 +149,33 @@ class ConveyorScheduler(RedBeatScheduler):  # type: ignore[misc]
             entry.save()
 
     # --- the lock --------------------------------------------------------------------------
+    #: Whether this beat has said it is waiting for the lock (it says so once per wait).
+    _standing_by = False
+
     def _try_acquire(self) -> bool:
         client = get_redis(self.app)
         lock = client.lock(self.lock_key, timeout=self.lock_timeout, sleep=self.max_interval)
         # redbeat's script extends the lock TO the timeout rather than BY it.
         lock.lua_extend = client.register_script(LUA_EXTEND_TO_SCRIPT)
         if not lock.acquire(blocking=False):
+            if not self._standing_by:
+                logger.info("beat: standby; lock %s is held by another beat", self.lock_key)
+                self._standing_by = True
             return False
         self.lock = lock
+        self._standing_by = False
         logger.info("beat: acquired lock %s; this beat is now the active one", self.lock_key)
         return True
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:
         try:
             if self.lock is None and not self._try_acquire():
-                logger.debug("beat: standby; lock %s held by another beat", self.lock_key)
                 return float(self.max_interval)
             return float(super().tick(min=min, **kwargs))
         except (LockError, redis.exceptions.RedisError) as exc:
             logger.warning("beat: lost the lock or Redis (%r); standing by", exc)
             self.lock = None
+            self._standing_by = True
             return float(self.max_interval)
 
     # --- missed runs and slots ----------------------------------------------------------------

@@ -8,8 +8,10 @@ resumed and run now, but changed or removed only in code.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -67,6 +69,17 @@ def validate(app: Celery, spec: EntrySpec) -> None:
         json.dumps([list(spec.args), spec.kwargs])
     except (TypeError, ValueError) as exc:
         raise InvalidEntry(f"args and kwargs must be JSON-serialisable: {exc}") from exc
+    _check_signature(app.tasks[spec.task], spec)
+
+
+def _check_signature(task: Any, spec: EntrySpec) -> None:
+    """Refuse arguments the task's function cannot take: every run would fail with TypeError."""
+    # task.run is the function as the worker calls it (a bound task's `self` already bound).
+    signature = inspect.signature(task.run)
+    try:
+        signature.bind(*spec.args, **spec.kwargs)
+    except TypeError as exc:
+        raise InvalidEntry(f"arguments do not match {spec.task}{signature}: {exc}") from None
 
 
 def _key(app: Celery, name: str) -> str:
@@ -197,6 +210,9 @@ def get(app: Celery, name: str) -> EntryView:
     next_run = None
     if entry.enabled and entry.last_run_at is not None:
         next_run = app.now() + entry.schedule.remaining_estimate(entry.last_run_at)
+        # The schedule reads the clock again inside remaining_estimate: without rounding off
+        # the microseconds between the two reads, 00:05:00 would show as 00:04:59.
+        next_run = (next_run + timedelta(milliseconds=500)).replace(microsecond=0)
     return EntryView(
         name=entry.name,
         task=entry.task,

@@ -25,6 +25,8 @@ from tests.infra import ROOT, WorkerProcess, compose_command, stop_process, wait
 ACTIVE_LINE = "this beat is now the active one"
 #: Test task modules the scheduling worker loads besides tests.worker_tasks.
 INCLUDE = ("tests.scheduling.tasks",)
+#: What a beat logs, once, when another beat holds the lock.
+STANDBY_LINE = "beat: standby; lock"
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Scheduling:
     redis_url: str
     started: list[BeatProcess] = field(default_factory=list)
 
-    def new_beat(self, name: str) -> BeatProcess:
+    def new_beat(self, name: str, node: str | None = None) -> BeatProcess:
         beat = BeatProcess(
             broker_url=self.broker_url,
             redis_url=self.redis_url,
@@ -184,11 +186,13 @@ class Scheduling:
             workdir=self.workdir / name,
             name=name,
         )
+        if node is not None:  # beats on one host share their node name, celerybeat@<host>
+            beat.node = node
         self.started.append(beat)
         return beat
 
-    def beat(self, name: str) -> BeatProcess:
-        return self.new_beat(name).start()
+    def beat(self, name: str, node: str | None = None) -> BeatProcess:
+        return self.new_beat(name, node).start()
 
     def runs(self, key: str, event: str = "start") -> list[dict[str, Any]]:
         return runs(self.ledger, key, event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from tasks.schedule import store
 from tasks.schedule.entries import EntrySpec
 from tasks.schedule.queue_health import LATEST_KEY, schedule_redis
 from tests.infra import wait_for
-from tests.scheduling.conftest import Scheduling, celery_cli
+from tests.scheduling.conftest import ACTIVE_LINE, STANDBY_LINE, Scheduling, celery_cli
 
 pytestmark = pytest.mark.integration
 
@@ -168,6 +169,35 @@ def test_both_the_active_and_a_standby_beat_answer_the_healthcheck_ping(
         assert "pong" in done.stdout
 
 
+def test_a_second_beat_on_the_same_host_waits_quietly_and_takes_over(
+    sched: Scheduling,
+) -> None:
+    # Given an active beat, and a second one on the same host (the same celerybeat@ node)
+    node = f"celerybeat-samehost-{os.getpid()}@localhost"
+    first = sched.beat("samehost-1", node=node)
+    wait_for(first.is_active, 20, what="the first beat to take the lock")
+    second = sched.beat("samehost-2", node=node)
+
+    # When it has stood by for several lock attempts and remote-control retries (5 s each)
+    wait_for(lambda: STANDBY_LINE in second.log(), 20, what="the standby line")
+    time.sleep(11)
+
+    # Then it logged one line, and no traceback
+    waiting = second.log().split("beat: Starting...", 1)[1].strip().splitlines()
+    assert len(waiting) == 1 and STANDBY_LINE in waiting[0], waiting
+
+    # And when the active beat stops, it logs one line as it takes over, and answers ping
+    first.stop()
+    wait_for(second.is_active, 30, what="the standby to take over")
+    done = celery_cli(
+        *("inspect", "ping", "--destination", node, "--timeout", "10"),
+        env={"CELERY_BROKER_URL": sched.broker_url},
+    )
+    assert done.returncode == 0, done.stderr
+    after = second.log().split("beat: Starting...", 1)[1].strip().splitlines()
+    assert len(after) == 2 and ACTIVE_LINE in after[1], after
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -175,22 +205,43 @@ def test_both_the_active_and_a_standby_beat_answer_the_healthcheck_ping(
         (["--cron", "* * *"], "expected 5 fields"),
         (["--every", "5", "--queue", "nowhere"], "unknown queue 'nowhere'"),
         (["--every", "5", "--kwargs", "[1]"], "must be a JSON dict"),
+        (["--every", "0.1"], "every must be at least 1 second, got 0.1"),
+        (["--every", "5", "--args", "[1]"], "arguments do not match schedule.queue_health()"),
     ],
 )
 def test_the_command_line_rejects_bad_entries_clearly(
     schedule_app: Any, broker_url: str, args: list[str], message: str
 ) -> None:
     done = cli(schedule_app, "add", "bad", "schedule.queue_health", *args, broker_url=broker_url)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert store.list_entries(schedule_app) == []
 
 
 def test_the_command_line_rejects_an_unknown_task_name(schedule_app: Any, broker_url: str) -> None:
     done = cli(
         schedule_app, "add", "bad", "schedule.no_such", "--every", "5", broker_url=broker_url
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "unknown task 'schedule.no_such'" in done.stderr
+
+
+def test_cancel_says_not_found_for_an_unknown_id_and_cancels_a_waiting_job(
+    sched: Scheduling,
+) -> None:
+    from tests.scheduling import tasks as sched_tasks
+
+    unknown = cli(sched.app, "cancel", "not-a-task-id", "--json", broker_url=sched.broker_url)
+    assert unknown.returncode == 1
+    assert "not found" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert unknown.stdout == ""
+
+    waiting = sched_tasks.record.apply_async(("never",), countdown=3600)
+    done = cli(sched.app, "cancel", waiting.id, "--json", broker_url=sched.broker_url)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"task_id": waiting.id, "cancelled": True}
 
 
 @pytest.mark.slow

@@ -29,10 +29,16 @@ def spec(**extra: Any) -> EntrySpec:
 def test_an_entry_can_be_updated_and_keeps_what_was_not_changed(schedule_app: Any) -> None:
     store.add(schedule_app, spec(queue="batch"))
 
-    view = store.update(schedule_app, "stored", cron="*/5 * * * *", kwargs={"k": 1})
+    view = store.update(
+        schedule_app,
+        "stored",
+        task="tests.sched.record_and_sleep",
+        cron="*/5 * * * *",
+        kwargs={"seconds": 1},
+    )
 
     assert view.schedule == "cron */5 * * * *"
-    assert view.kwargs == {"k": 1}
+    assert view.kwargs == {"seconds": 1}
     assert view.args == ["stored"]
     assert view.queue == "batch"
     assert view.reason == "test"
@@ -44,6 +50,34 @@ def test_adding_an_existing_name_needs_replace(schedule_app: Any) -> None:
     with pytest.raises(InvalidEntry, match="exists"):
         store.add(schedule_app, spec(every=60))
     assert store.add(schedule_app, spec(every=60), replace=True).schedule == "every 60s"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"args": ()}, "missing a required argument: 'key'"),
+        ({"args": ("a", "b")}, "too many positional arguments"),
+        ({"kwargs": {"colour": "red"}}, "unexpected keyword argument 'colour'"),
+    ],
+)
+def test_arguments_the_task_cannot_take_are_refused_before_storing(
+    schedule_app: Any, fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidEntry, match=message):
+        store.add(schedule_app, spec(name="mismatch", **fields))
+    with pytest.raises(store.EntryNotFound):
+        store.get(schedule_app, "mismatch")
+
+
+def test_a_period_shorter_than_a_second_is_refused() -> None:
+    with pytest.raises(InvalidEntry, match=r"every must be at least 1 second, got 0\.1"):
+        spec(every=0.1)
+
+
+def test_a_cron_entry_lists_its_next_run_at_the_exact_minute(schedule_app: Any) -> None:
+    view = store.add(schedule_app, spec(name="nightly", every=None, cron="5 0 * * *"))
+    assert view.next_run_at is not None
+    assert view.next_run_at.endswith("T00:05:00+00:00"), view.next_run_at
 
 
 def test_unknown_names_are_reported_as_such(schedule_app: Any) -> None:

@@ -153,3 +153,33 @@ def test_the_monitoring_profile_adds_prometheus_and_grafana() -> None:
     # the exporter's port is not published at all.
     assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
     assert "ports" not in services["exporter"]
+
+
+def test_the_readme_says_which_workers_serve_the_priority_queue() -> None:
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    serving = [
+        name
+        for name, command in procfile.items()
+        for arg in command.split()
+        if arg.startswith("--queues=") and "priority" in arg.split("=", 1)[1].split(",")
+    ]
+    readme = (ROOT / "README.md").read_text()
+    urgent = next(part for part in readme.split("\n\n") if part.startswith("Urgent work"))
+    if len(serving) > 1:
+        assert "Both workers serve the `priority` queue" in urgent, serving
+    else:
+        assert serving == ["worker_priority"] and "only the priority worker" in urgent
+
+
+def test_env_example_sets_the_management_api_urls_the_code_reads() -> None:
+    import re
+
+    listed = dict(re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
+    local_api = "http://guest:guest@127.0.0.1:15672/api/"
+    assert listed["FLOWER_BROKER_API"] == local_api
+    assert listed["CONVEYOR_RABBITMQ_API"] == local_api
+    # Flower reads FLOWER_BROKER_API itself; the exporter and overview read this one.
+    assert '_optional_secret("CONVEYOR_RABBITMQ_API")' in (ROOT / "celeryconfig.py").read_text()
+    assert 'envvar="CONVEYOR_RABBITMQ_API"' in (ROOT / "monitoring/overview.py").read_text()
