@@ -6,7 +6,8 @@ steps, each read from ``rabbitmqctl status`` once the node has settled:
 
 1. the empty node;
 2. the baseline: a plain vhost with one classic queue;
-3. a Conveyor vhost without its delay levels (4 task queues, dead-letter, unroutable);
+3. a Conveyor vhost without its delay levels (4 task queues, dead-letter, unroutable), and
+   one with its levels as classic queues;
 4. a whole Conveyor vhost, the same with its 28 ``celery_delayed_*`` levels (34 quorum queues),
    as deploy/rabbitmq/definitions.py declares it, then N more;
 5. N idle AMQP connections to it;
