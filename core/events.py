@@ -92,6 +92,8 @@ class BatchedSentEvents:
         #: The process and broker this buffer's connection belongs to.
         self.pid = os.getpid()
         self.broker_url = str(app.conf.broker_url)
+        #: Set by close(): the app then gets a new buffer if it sends again.
+        self.closed = False
         self.size = max(1, int(size))
         self.interval = float(interval)
         self._events: list[Any] = []
@@ -164,6 +166,7 @@ class BatchedSentEvents:
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is waiting, stop the flusher thread and close the connection."""
+        self.closed = True
         _open.discard(self)
         self._wake.set()
         if self._flusher is not None and self._flusher is not threading.current_thread():
@@ -219,7 +222,11 @@ def _buffer_of(app: Celery) -> BatchedSentEvents | None:
 
 
 def _serves(buffer: BatchedSentEvents, app: Celery) -> bool:
-    return buffer.pid == os.getpid() and buffer.broker_url == str(app.conf.broker_url)
+    return (
+        not buffer.closed
+        and buffer.pid == os.getpid()
+        and buffer.broker_url == str(app.conf.broker_url)
+    )
 
 
 def release(app: Celery) -> None:
