@@ -28,8 +28,12 @@ CONVEYOR_TASK = "tasks.base:Task"
 
 
 @pytest.fixture
-def new_vhost(rabbit: RabbitNode) -> Iterator[Callable[[], str]]:
+def new_vhost(rabbit: RabbitNode, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], str]]:
     """Makes vhosts of the private node that no other test connects to; returns their URL."""
+    # Celery lets CELERY_BROKER_URL and CELERY_RESULT_BACKEND (set for the session's app)
+    # override an app's own settings.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_RESULT_BACKEND", raising=False)
     made: list[str] = []
 
     def make() -> str:
