@@ -71,7 +71,26 @@ def queues(app: Celery, api_url: str | None) -> dict[str, Any]:
         "queue_source": snap.source,
         "delayed_messages": snap.delayed,
         "dead_letters": {"queue": dlq, "messages": dead.ready if dead else None},
+        "broker_nodes": broker_nodes(app, api_url),
     }
+
+
+def broker_nodes(app: Celery, api_url: str | None) -> list[dict[str, Any]] | None:
+    """Each broker node's file handles and sockets against its limits (management API only)."""
+    nodes = queue_stats.broker_nodes(app, api_url)
+    if nodes is None:
+        return None
+    return [
+        {**node.as_dict(), "fd_percent": round(100 * node.fd_used / max(node.fd_total, 1))}
+        for node in nodes
+    ]
+
+
+def render_broker_nodes(nodes: list[dict[str, Any]] | None) -> list[str]:
+    if nodes is None:
+        return []
+    columns = ["node", "fd_used", "fd_total", "fd_percent", "sockets_used", "sockets_total"]
+    return ["", "Broker nodes (file handles and sockets)", *_table(nodes, columns)]
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
@@ -94,6 +113,7 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"  delayed (countdown/ETA held by the broker): {data['delayed_messages']}")
     dead = data["dead_letters"]
     lines += ["", f"Dead letters ({dead['queue']}): {dead['messages']}"]
+    lines += render_broker_nodes(data.get("broker_nodes"))
     for title, rows in data["sections"].items():
         lines += ["", title]
         lines += _table(rows, list(rows[0]) if rows else [])
@@ -113,7 +133,7 @@ def render(data: dict[str, Any]) -> str:
     "--rabbitmq-api",
     envvar="CONVEYOR_RABBITMQ_API",
     default=None,
-    help="RabbitMQ management API URL (adds unacked and delayed counts).",
+    help="RabbitMQ management API URL (adds unacked and delayed counts, broker file handles).",
 )
 @click.pass_context
 def overview(ctx: click.Context, as_json: bool, timeout: float, rabbitmq_api: str | None) -> None:

@@ -90,6 +90,17 @@ def broker_tls_files(broker_use_ssl: object) -> tuple[str | None, tuple[str, str
     return options.get("ca_certs") or None, (cert, key) if cert and key else None
 
 
+def _api_rows(api_url: str, path: str, context: ssl.SSLContext | None) -> list[dict[str, Any]]:
+    """GET `path` of the management API; raises OSError/ValueError when unreachable."""
+    base, authorization = _split_credentials(api_url)
+    request = urllib.request.Request(base + path)
+    if authorization:
+        request.add_header("Authorization", authorization)
+    with urllib.request.urlopen(request, timeout=API_TIMEOUT, context=context) as response:
+        rows: list[dict[str, Any]] = json.load(response)
+    return rows
+
+
 def from_management_api(
     api_url: str, vhost: str, names: list[str], context: ssl.SSLContext | None = None
 ) -> BrokerSnapshot:
@@ -97,16 +108,8 @@ def from_management_api(
 
     `context` verifies an https:// API (by default against the system's trust store).
     """
-    base, authorization = _split_credentials(api_url)
-    url = (
-        f"{base}queues/{quote(vhost, safe='')}"
-        "?columns=name,messages_ready,messages_unacknowledged,consumers"
-    )
-    request = urllib.request.Request(url)
-    if authorization:
-        request.add_header("Authorization", authorization)
-    with urllib.request.urlopen(request, timeout=API_TIMEOUT, context=context) as response:
-        rows: list[dict[str, Any]] = json.load(response)
+    columns = "name,messages_ready,messages_unacknowledged,consumers"
+    rows = _api_rows(api_url, f"queues/{quote(vhost, safe='')}?columns={columns}", context)
     queues: dict[str, QueueStats] = {}
     delayed = 0
     for row in rows:
@@ -138,6 +141,49 @@ def from_passive_declare(app: Celery, names: list[str]) -> BrokerSnapshot:
         if depth is not None
     }
     return BrokerSnapshot(source="passive_declare", queues=queues, delayed=None)
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """One broker node's file handles and sockets in use, against its limits.
+
+    At its open-file limit RabbitMQ raises no alarm: it stops accepting connections and
+    declarations in every vhost (docs/operations.md, "RabbitMQ stops accepting connections").
+    """
+
+    node: str
+    fd_used: int
+    fd_total: int
+    sockets_used: int
+    sockets_total: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: What /api/nodes is asked for: a node's row carries hundreds of fields otherwise.
+NODE_COLUMNS = "name,fd_used,fd_total,sockets_used,sockets_total"
+
+
+def broker_nodes(app: Celery, api_url: str | None = None) -> list[NodeStats] | None:
+    """File handles and sockets of every cluster node, from the management API (None without
+    one: nothing else reports them). A node that is down, without figures, is left out."""
+    api_url = api_url or app.conf.get("conveyor_rabbitmq_api")
+    if not api_url:
+        return None
+    context = management_api_context(app.conf.broker_use_ssl)
+    rows = _api_rows(api_url, f"nodes?columns={NODE_COLUMNS}", context)
+    return [
+        NodeStats(
+            node=str(row["name"]),
+            fd_used=int(row["fd_used"]),
+            fd_total=int(row["fd_total"]),
+            sockets_used=int(row["sockets_used"]),
+            sockets_total=int(row["sockets_total"]),
+        )
+        for row in rows
+        if "fd_used" in row and "sockets_used" in row
+    ]
 
 
 def snapshot(app: Celery, api_url: str | None = None) -> BrokerSnapshot:

@@ -19,6 +19,16 @@ from monitoring.exporter.events import TaskEvents, configured_queues
 logger = logging.getLogger(__name__)
 
 
+#: Gauges of each broker node (management API only): name, NodeStats field, help. Limits are
+#: `_limit`, not `_total`, a suffix Prometheus keeps for counters.
+NODE_GAUGES = (
+    ("conveyor_broker_file_descriptors_used", "fd_used", "File handles the node has open."),
+    ("conveyor_broker_file_descriptors_limit", "fd_total", "The node's open-file limit."),
+    ("conveyor_broker_sockets_used", "sockets_used", "Sockets (connections) the node has open."),
+    ("conveyor_broker_sockets_limit", "sockets_total", "Sockets the node accepts, at most."),
+)
+
+
 class BrokerCollector(Collector):
     """Queue figures read from RabbitMQ at each scrape."""
 
@@ -28,6 +38,7 @@ class BrokerCollector(Collector):
         self.api_url = api_url
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._nodes()
         up = GaugeMetricFamily("conveyor_broker_up", "1 when the last queue read succeeded.")
         ready = GaugeMetricFamily(
             "conveyor_queue_messages_ready", "Messages waiting for a consumer.", labels=["queue"]
@@ -73,6 +84,22 @@ class BrokerCollector(Collector):
         if snap.source == "management":
             yield from (unacked, delayed)
         yield from self._waiting(observed_at)
+
+    def _nodes(self) -> Iterable[Metric]:
+        """Each broker node's file handles and sockets, read apart from the queues: at its
+        open-file limit the broker may refuse AMQP connections and still answer HTTP."""
+        try:
+            nodes = queue_stats.broker_nodes(self.app, self.api_url)
+        except Exception as exc:
+            logger.warning("reading broker nodes failed: %r", exc)
+            return
+        if nodes is None:
+            return
+        for name, field, what in NODE_GAUGES:
+            gauge = GaugeMetricFamily(name, what, labels=["node"])
+            for node in nodes:
+                gauge.add_metric([node.node], getattr(node, field))
+            yield gauge
 
     def _waiting(self, now: float) -> Iterable[Metric]:
         if self.events is None:

@@ -169,6 +169,25 @@ def test_the_exporter_serves_every_metric_the_alerts_and_dashboard_use(
     assert not missing, f"used in alerts/dashboard but not exported: {sorted(missing)}"
 
 
+def test_the_exporter_reports_each_broker_nodes_file_handles_and_sockets(
+    monitored_worker: WorkerProcess, managed_rabbit: ManagedRabbitNode, exporter: str
+) -> None:
+    status = json.loads(managed_rabbit.ctl("status", "--formatter", "json"))
+    truth = status["file_descriptors"]
+    node = {"node": managed_rabbit.node_name}
+
+    metrics = scrape(exporter)
+
+    # The limits are the node's own; the figures in use include the worker's connection
+    assert sample(metrics, "conveyor_broker_sockets_limit", **node) == truth["sockets_limit"]
+    total = sample(metrics, "conveyor_broker_file_descriptors_limit", **node)
+    assert total is not None and total >= truth["total_limit"]
+    used = sample(metrics, "conveyor_broker_file_descriptors_used", **node)
+    assert used is not None and 0 < used < total
+    sockets = sample(metrics, "conveyor_broker_sockets_used", **node)
+    assert sockets is not None and sockets >= 1
+
+
 def run_celery(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     return subprocess.run(
@@ -215,11 +234,15 @@ def test_the_overview_command_shows_workers_queues_and_dead_letters(
         [worker] = [w for w in data["workers"] if w["name"] == monitored_worker.node]
         assert worker["queues"] == ["default", "priority"]
         assert worker["concurrency"] == 2
+        [node] = data["broker_nodes"]
+        assert node["node"] == managed_rabbit.node_name
+        assert 0 < node["fd_used"] < node["fd_total"]
 
         text = run_celery(env, "overview")
         assert text.returncode == 0, text.stderr
         assert monitored_worker.node in text.stdout
         assert "Dead letters (conveyor.dead_letter)" in text.stdout
+        assert "Broker nodes (file handles and sockets)" in text.stdout
     finally:
         managed_rabbit.ctl("purge_queue", "batch")
 

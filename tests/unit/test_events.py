@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from types import SimpleNamespace
 
@@ -65,3 +66,53 @@ def test_task_sent_events_a_broker_refuses_are_dropped_and_logged_not_raised_or_
     assert dispatcher._outbound_buffer == deque()
     assert sent._events == []
     assert "2 task-sent events dropped" in caplog.text
+    sent.close()
+
+
+def test_closing_an_app_sends_its_waiting_events_and_stops_their_thread_and_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    producer = Celery("producer", broker="memory://closing", set_as_current=False)
+    producer.conf.conveyor_sent_event_interval = 60  # only close() can send it in time
+    sent = events.sent_events(producer)
+    published: list[list[dict[str, str]]] = []
+    monkeypatch.setattr(sent.dispatcher, "_publish", lambda body, *a, **kw: published.append(body))
+    sent.publish("task-sent", {"uuid": "a"}, None)
+    assert sent._flusher is not None and sent._flusher.is_alive()
+
+    # When the app is closed
+    with producer:
+        pass
+
+    # Then the waiting event went out, the thread ended, and the connection is closed
+    assert [[event["uuid"] for event in body] for body in published] == [["a"]]
+    assert not sent._flusher.is_alive()
+    assert not sent.dispatcher.connection.connected
+    # and the app, if used again, gets a buffer of its own
+    assert events.sent_events(producer) is not sent
+    producer.close()
+
+
+def test_at_exit_every_open_buffer_sends_its_events_and_stops_its_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    # Only this test's buffer: the exit handler closes every buffer of the process.
+    monkeypatch.setattr(events, "_open", weakref.WeakSet())
+    producer = Celery("producer", broker="memory://exiting", set_as_current=False)
+    producer.conf.conveyor_sent_event_interval = 60
+    sent = events.sent_events(producer)
+    published: list[list[dict[str, str]]] = []
+    monkeypatch.setattr(sent.dispatcher, "_publish", lambda body, *a, **kw: published.append(body))
+    sent.publish("task-sent", {"uuid": "b"}, None)
+
+    # When the interpreter exits (the handler core.events registers with atexit)
+    events._close_all()
+
+    # Then the app's waiting event went out and its thread ended
+    assert [[event["uuid"] for event in body] for body in published] == [["b"]]
+    assert sent._flusher is not None and not sent._flusher.is_alive()
+    # and a publish after it, from a late exit handler, opens a buffer of its own
+    assert events.sent_events(producer) is not sent
+    producer.close()
