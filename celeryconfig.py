@@ -394,3 +394,21 @@ def _apply_environment_overrides() -> None:
 
 
 _apply_environment_overrides()
+
+# --- Console (console/, docs/console.md) ---
+#: Flower's address as operators' browsers reach it: the console's header links to it, and
+#: task ids link to Flower's task page. None: no links.
+conveyor_flower_url = os.environ.get("CONVEYOR_FLOWER_URL") or None
+#: The exporter's /metrics, where the console reads each queue's oldest waiting task (the
+#: exporter follows task events; the console does not). None: that column shows "-".
+conveyor_exporter_url = os.environ.get("CONVEYOR_EXPORTER_URL") or None
+#: Seconds between two checks of the dead-letter queue's depth; the console re-reads the queue
+#: (a basic.get per message) only when the depth changed, after an action, or once a minute.
+conveyor_console_dead_letter_refresh = float(
+    os.environ.get("CELERY_CONVEYOR_CONSOLE_DEAD_LETTER_REFRESH", "5")
+)
+#: Bytes of each dead letter's body the console keeps for its preview: memory stays about a
+#: kilobyte a message, whatever the bodies weigh.
+conveyor_console_dead_letter_preview = int(
+    os.environ.get("CELERY_CONVEYOR_CONSOLE_DEAD_LETTER_PREVIEW", "512")
+)

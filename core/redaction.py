@@ -4,27 +4,31 @@ Celery masks settings whose names match its HIDDEN_SETTINGS pattern (API, KEY, P
 the password in the broker and result-backend URLs, but not in other URL settings:
 `redbeat_redis_url` or `conveyor_idempotency_url` would be shown with the Redis password.
 The censoring function is wrapped so that the password of any URL-valued setting is masked,
-whatever the setting's name.
+whatever the setting's name. `redact` is the same masking for anything else shown to a person
+(the console's dead-letter headers and bodies, batch items): every URL password in any string.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery.app import utils
-from kombu.utils.url import maybe_sanitize_url
 
 MASK = "*" * 8
+#: scheme://user:PASSWORD@ anywhere in a text (a URL alone, or inside a message).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
 
 
-def _sanitize(value: Any) -> Any:
-    if isinstance(value, str) and "://" in value and "@" in value:
-        return maybe_sanitize_url(value, mask=MASK)
+def redact(value: Any) -> Any:
+    """`value` with the password of every URL in it masked, in strings, mappings and lists."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\g<head>{MASK}@", value) if "://" in value else value
     if isinstance(value, Mapping):
-        return {key: _sanitize(item) for key, item in value.items()}
+        return {key: redact(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_sanitize(item) for item in value)
+        return type(value)(redact(item) for item in value)
     return value
 
 
@@ -35,7 +39,7 @@ def install() -> None:
         return
 
     def filter_hidden_settings(conf: Any) -> dict[str, Any]:
-        return {key: _sanitize(value) for key, value in original(conf).items()}
+        return {key: redact(value) for key, value in original(conf).items()}
 
     filter_hidden_settings.conveyor_wrapped = True  # type: ignore[attr-defined]
     namespace["filter_hidden_settings"] = filter_hidden_settings
