@@ -2,7 +2,7 @@
 
 Registered in celeryconfig through ``conveyor_metrics_collectors`` and
 ``conveyor_overview_sections``; both read the batch records in Redis (tasks/batch/store.py) at
-scrape time, nothing else.
+scrape time through the batch index, nothing else.
 """
 
 from __future__ import annotations
@@ -14,28 +14,18 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tasks.batch.store import FINAL_STATES, PREFIX, BatchNotFound, Status, store_for
+from tasks.batch.api import list_batches
+from tasks.batch.store import FINAL_STATES, Status
 
-#: Batches read per scrape: a bound on the scrape's cost and on label cardinality.
+#: Batches read per scrape (the newest): a bound on the scrape's cost and label cardinality.
 MAX_BATCHES = 500
 
 
 def batch_statuses(app: Any, limit: int = MAX_BATCHES) -> list[Status]:
-    """The batches still kept in Redis (finished ones until they expire), newest last."""
-    store = store_for(app)
-    statuses = []
-    for key in store.redis.scan_iter(match=f"{PREFIX}*", count=1000):
-        name = key.decode() if isinstance(key, bytes) else key
-        batch_id = name[len(PREFIX) :]
-        if ":" in batch_id:
-            continue  # a part of a batch (done markers, failures, ...), not its record
-        try:
-            statuses.append(store.status(batch_id))
-        except BatchNotFound:
-            continue  # expired between the scan and the read
-        if len(statuses) >= limit:
-            break
-    return sorted(statuses, key=lambda s: s.created_at or "")
+    """The newest batches still kept in Redis (finished ones until they expire), newest last.
+
+    Read from the batch index (a sorted set), never by scanning the keyspace."""
+    return list(reversed(list_batches(app=app, limit=limit)))
 
 
 class BatchCollector(Collector):

@@ -33,7 +33,10 @@ __all__ = [
     "Entry",
     "PublishFailed",
     "cancel",
+    "count_batches",
+    "failure_count",
     "failures",
+    "list_batches",
     "publish_file",
     "read_csv",
     "read_jsonl",
@@ -418,9 +421,31 @@ def status(batch_id: str, *, app: Any = None) -> Status:
     return store_for(_app(app)).status(batch_id)
 
 
-def failures(batch_id: str, *, app: Any = None) -> list[dict[str, Any]]:
-    """The failed items of the latest attempt, by item index."""
-    return sorted(store_for(_app(app)).failures(batch_id), key=lambda f: int(f["index"]))
+def failures(
+    batch_id: str, *, app: Any = None, limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """The failed items of the latest attempt, by item index: `limit` of them (None: all)
+    after the first `offset`."""
+    return store_for(_app(app)).failure_page(batch_id, limit=limit, offset=offset)
+
+
+def failure_count(batch_id: str, *, app: Any = None) -> int:
+    """How many items of the latest attempt failed."""
+    return store_for(_app(app)).failure_count(batch_id)
+
+
+def list_batches(
+    *, app: Any = None, limit: int = 50, offset: int = 0, state: str | None = None
+) -> list[Status]:
+    """The batches kept in Redis (finished ones until they expire), newest first: `limit`
+    of them after the first `offset`, only those in `state` if given. Reads the batch index,
+    never the whole keyspace."""
+    return store_for(_app(app)).statuses(limit=limit, offset=offset, state=state)
+
+
+def count_batches(*, app: Any = None) -> int:
+    """How many batches are kept in Redis, in any state."""
+    return store_for(_app(app)).count()
 
 
 def cancel(batch_id: str, *, app: Any = None) -> bool:

@@ -10,6 +10,10 @@ after the batch's last change, refreshed by each write):
 ``conveyor:batch:<id>:failures``          hash ``<index>`` -> JSON: failed items of this attempt
 ``conveyor:batch:<id>:retrying:<n>``      hash, like failures: the items attempt n re-runs
 ``conveyor:batch:<id>:result``            string, JSON: the reduced result once completed
+``conveyor:batches``                      sorted set, the index: every kept batch's id, score =
+                                          creation time; listing and monitoring read it, so
+                                          nothing scans the keyspace. An entry is removed once
+                                          its batch has expired (``BatchStore.prune_index``).
 
 Counting is exactly once because a chunk's outcome is recorded by one Lua script that first
 sets the chunk's "done" marker with HSETNX: a redelivered chunk finds the marker and changes
@@ -33,6 +37,10 @@ from typing import Any, cast
 import redis
 
 PREFIX = "conveyor:batch:"
+#: The batch index: ids by creation time (not under PREFIX: it is no batch's part).
+INDEX = "conveyor:batches"
+#: Index entries checked at a time when pruning those whose batch has expired.
+_PRUNE_PAGE = 200
 
 #: A batch whose producer raised before every chunk was published: the reason is in ``error``,
 #: and the chunks it did publish are skipped, as after a cancel. Submit it again.
@@ -288,7 +296,11 @@ class BatchStore:
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping=record)
             pipe.expire(key, self.expires)
+            pipe.zadd(INDEX, {batch_id: float(record["created_at"])})
             pipe.execute()
+        # Batches expire about in creation order, so the oldest entries are the stale ones:
+        # one page per submit keeps the index about as long as the batches kept.
+        self.prune_index(pages=1)
 
     def mark_published(self, batch_id: str, attempt: int, total: int, chunks: int) -> bool:
         """Record that every chunk of `attempt` is published; True if it is ready to finalize."""
@@ -409,45 +421,137 @@ class BatchStore:
 
     def status(self, batch_id: str) -> Status:
         meta = self.meta(batch_id)
-        number = {k: int(meta.get(k, 0)) for k in ("total", "succeeded", "failed", "skipped")}
-        published = meta.get("published") == meta["attempt"]
-        if "state" in meta:
-            state = meta["state"]
-        else:
-            state = "running" if "started_at" in meta else "pending"
-        started, finished = meta.get("started_at"), meta.get("finished_at")
-        elapsed = None
-        if started is not None:
-            elapsed = (float(finished) if finished else time.time()) - float(started)
-        done = number["succeeded"] + number["failed"]
-        result = None
-        if state in ("completed", "completed_with_failures"):
-            raw = self.redis.get(self.key(batch_id, "result"))
-            result = json.loads(raw) if raw else None
-        return Status(
-            id=batch_id,
-            handler=meta["handler"],
-            state=state,
-            attempt=int(meta["attempt"]),
-            published=published,
-            pending=max(0, number["total"] - done - number["skipped"]),
-            chunk_size=int(meta["chunk_size"]),
-            chunks=int(meta["chunks"]) if "chunks" in meta else None,
-            created_at=_iso(meta.get("created_at")),
-            started_at=_iso(started),
-            finished_at=_iso(finished),
-            elapsed_seconds=None if elapsed is None else round(elapsed, 3),
-            items_per_second=round(done / elapsed, 1) if elapsed else None,
-            result=result,
-            error=meta.get("error"),
-            **number,
-        )
+        raw: str | None = None
+        if meta.get("state") in ("completed", "completed_with_failures"):
+            raw = cast(str | None, self.redis.get(self.key(batch_id, "result")))
+        return _status(batch_id, meta, raw)
+
+    # --- the index -----------------------------------------------------------------------
+    def _missing(self, batch_ids: list[str]) -> list[str]:
+        """The ids among `batch_ids` whose record has expired."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.exists(self.key(batch_id))
+            found = pipe.execute()
+        return [batch_id for batch_id, there in zip(batch_ids, found, strict=True) if not there]
+
+    def prune_index(self, *, pages: int | None = None) -> int:
+        """Remove the index entries whose batch has expired, oldest first, at most `pages`
+        pages of entries (None: the whole index); returns how many it removed."""
+        removed = start = page = 0
+        while pages is None or page < pages:
+            ids = cast(list[str], self.redis.zrange(INDEX, start, start + _PRUNE_PAGE - 1))
+            if not ids:
+                break
+            stale = self._missing(ids)
+            if stale:
+                self.redis.zrem(INDEX, *stale)
+            removed += len(stale)
+            start += len(ids) - len(stale)
+            page += 1
+        return removed
+
+    def count(self) -> int:
+        """How many batches are kept, in any state."""
+        self.prune_index()
+        return int(self.redis.zcard(INDEX))
+
+    def _page(self, start: int, size: int) -> list[tuple[str, dict[str, str]]]:
+        """Index entries start..start+size-1, newest first, with their records ({}: gone)."""
+        ids = cast(list[str], self.redis.zrevrange(INDEX, start, start + size - 1))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hgetall(self.key(batch_id))
+            metas = pipe.execute()
+        return list(zip(ids, metas, strict=True))
+
+    def _with_results(self, found: list[tuple[str, dict[str, str]]]) -> list[Status]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id, _meta in found:
+                pipe.get(self.key(batch_id, "result"))
+            raws = pipe.execute()
+        return [_status(i, meta, raw) for (i, meta), raw in zip(found, raws, strict=True)]
+
+    def statuses(
+        self, *, limit: int = 50, offset: int = 0, state: str | None = None
+    ) -> list[Status]:
+        """Kept batches, newest first: `limit` of them after skipping `offset` (counting only
+        batches in `state` when it is given). Reads the index a page at a time."""
+        found: list[tuple[str, dict[str, str]]] = []
+        start, skip = 0, offset
+        size = limit + offset if state is None else 500
+        while len(found) < limit:
+            page = self._page(start, max(size, 1))
+            if not page:
+                break
+            gone = [batch_id for batch_id, meta in page if not meta]
+            if gone:  # expired since they were indexed
+                self.redis.zrem(INDEX, *gone)
+            start += len(page) - len(gone)
+            kept = [(i, m) for i, m in page if m and state in (None, _state(m))]
+            used = min(skip, len(kept))
+            skip -= used
+            found += kept[used : used + limit - len(found)]
+        return self._with_results(found)
 
     def failures(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """The failed items of the current attempt, in no particular order."""
         self.meta(batch_id)
         for _index, value in self.iter_hash(self.key(batch_id, "failures")):
             yield json.loads(value)
+
+    def failure_count(self, batch_id: str) -> int:
+        """How many items of the current attempt failed (and are kept for a retry)."""
+        self.meta(batch_id)
+        return int(self.redis.hlen(self.key(batch_id, "failures")))
+
+    def failure_page(
+        self, batch_id: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The failed items of the current attempt by item index, `limit` from `offset`."""
+        self.meta(batch_id)
+        key = self.key(batch_id, "failures")
+        indices = sorted(int(index) for index in self.redis.hkeys(key))
+        wanted = indices[offset : None if limit is None else offset + limit]
+        page: list[dict[str, Any]] = []
+        for start in range(0, len(wanted), 1000):
+            values = self.redis.hmget(key, [str(i) for i in wanted[start : start + 1000]])
+            page += [json.loads(value) for value in values if value is not None]
+        return page
+
+
+def _state(meta: Mapping[str, str]) -> str:
+    if "state" in meta:
+        return meta["state"]
+    return "running" if "started_at" in meta else "pending"
+
+
+def _status(batch_id: str, meta: Mapping[str, str], raw_result: str | None) -> Status:
+    """A batch's Status from its record and, once completed, its stored result."""
+    number = {k: int(meta.get(k, 0)) for k in ("total", "succeeded", "failed", "skipped")}
+    started, finished = meta.get("started_at"), meta.get("finished_at")
+    elapsed = None
+    if started is not None:
+        elapsed = (float(finished) if finished else time.time()) - float(started)
+    done = number["succeeded"] + number["failed"]
+    return Status(
+        id=batch_id,
+        handler=meta["handler"],
+        state=_state(meta),
+        attempt=int(meta["attempt"]),
+        published=meta.get("published") == meta["attempt"],
+        pending=max(0, number["total"] - done - number["skipped"]),
+        chunk_size=int(meta["chunk_size"]),
+        chunks=int(meta["chunks"]) if "chunks" in meta else None,
+        created_at=_iso(meta.get("created_at")),
+        started_at=_iso(started),
+        finished_at=_iso(finished),
+        elapsed_seconds=None if elapsed is None else round(elapsed, 3),
+        items_per_second=round(done / elapsed, 1) if elapsed else None,
+        result=json.loads(raw_result) if raw_result else None,
+        error=meta.get("error"),
+        **number,
+    )
 
 
 def store_for(app: Any) -> BatchStore:

@@ -9,8 +9,9 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tasks.batch import monitoring, runner
-from tasks.batch.store import BatchStore
+from monitoring import batch as monitoring
+from tasks.batch import runner
+from tasks.batch.store import BatchStore, store_for
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def running_and_finished(store: BatchStore) -> None:
 
 
 def test_unfinished_batches_are_exported_item_by_outcome(app: SimpleNamespace) -> None:
-    running_and_finished(monitoring.store_for(app))
+    running_and_finished(store_for(app))
     registry = CollectorRegistry()
     registry.register(monitoring.collector(app))
     text = generate_latest(registry).decode()
@@ -59,7 +60,39 @@ def test_unfinished_batches_are_exported_item_by_outcome(app: SimpleNamespace) -
 
 
 def test_the_overview_lists_unfinished_batches_only(app: SimpleNamespace) -> None:
-    running_and_finished(monitoring.store_for(app))
+    running_and_finished(store_for(app))
     title, rows = monitoring.overview_section(app)
     assert title == "batches"
     assert [(row["batch"], row["done"], row["failed"]) for row in rows] == [("run-1", "2/4", 1)]
+
+
+def _scans(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_a_scrape_reads_the_batch_index_and_never_scans_the_keyspace(
+    app: SimpleNamespace, redis_url: str
+) -> None:
+    store = store_for(app)
+    running_and_finished(store)
+    for n in range(300):  # unrelated keys a scan would have had to walk
+        store.redis.set(f"other:{n}", "x")
+    before = _scans(store.redis)
+
+    registry = CollectorRegistry()
+    registry.register(monitoring.collector(app))
+    text = generate_latest(registry).decode()
+    monitoring.overview_section(app)
+
+    assert _scans(store.redis) == before
+    assert 'conveyor_batches{state="running"} 1.0' in text
+
+
+def test_a_batch_leaves_the_index_once_it_has_expired(app: SimpleNamespace) -> None:
+    store = store_for(app)
+    running_and_finished(store)
+    store.redis.delete(store.key("done-1"))  # as its expiry would
+
+    assert [s.id for s in monitoring.batch_statuses(app)] == ["run-1"]
+    assert store.redis.zrange("conveyor:batches", 0, -1) == ["run-1"]

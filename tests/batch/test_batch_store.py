@@ -259,3 +259,50 @@ def test_the_idempotency_key_is_the_same_on_redelivery_and_on_the_retry_attempt(
         "i2": ["b6:2"],
         "i3": ["b6:3", "b6:3"],
     }
+
+
+def _submitted(store: BatchStore, batch_id: str, failures: int = 0) -> None:
+    store.create(batch_id, handler="aggregate", options={}, chunk_size=2, source="t", callback=None)
+    store.mark_published(batch_id, 1, failures or 1, 1)
+    items = [{"key": "a", "value": "bad"}] * failures or [{"key": "a", "value": "1"}]
+    runner.run_chunk(store, batch_id, 1, 0, 0, items)
+
+
+def test_batches_are_listed_newest_first_in_pages_and_by_state(store: BatchStore) -> None:
+    for n in range(5):
+        _submitted(store, f"b{n}", failures=n % 2)
+    store.create("fresh", handler="noop", options={}, chunk_size=2, source="t", callback=None)
+
+    assert [s.id for s in store.statuses(limit=3)] == ["fresh", "b4", "b3"]
+    assert [s.id for s in store.statuses(limit=3, offset=4)] == ["b1", "b0"]
+    failed = store.statuses(state="running")  # not finalized: counted, some failed
+    assert [s.id for s in failed] == ["b4", "b3", "b2", "b1", "b0"]
+    assert [s.id for s in store.statuses(state="pending")] == ["fresh"]
+    assert [s.id for s in store.statuses(state="running", offset=1, limit=2)] == ["b3", "b2"]
+    assert store.count() == 6
+
+    store.redis.delete(store.key("b2"), store.key("b4"))  # as their expiry would
+    assert store.count() == 4
+    assert [s.id for s in store.statuses(limit=10)] == ["fresh", "b3", "b1", "b0"]
+
+
+def test_submitting_prunes_expired_entries_so_the_index_stays_bounded(store: BatchStore) -> None:
+    for n in range(50):
+        _submitted(store, f"old{n}")
+        store.redis.delete(store.key(f"old{n}"))
+    _submitted(store, "new")
+    assert store.redis.zcard("conveyor:batches") == 1
+
+
+def test_failures_are_paged_by_item_index_with_their_total(store: BatchStore) -> None:
+    store.create("f", handler="aggregate", options={}, chunk_size=2, source="t", callback=None)
+    store.mark_published("f", 1, 30, 3)
+    bad = [{"key": "a", "value": "x"}] * 10
+    for chunk in (2, 0, 1):
+        runner.run_chunk(store, "f", 1, chunk, chunk * 10, bad)
+
+    assert store.failure_count("f") == 30
+    page = store.failure_page("f", limit=5, offset=8)
+    assert [f["index"] for f in page] == [8, 9, 10, 11, 12]
+    assert len(store.failure_page("f")) == 30
+    assert [f["index"] for f in store.failure_page("f", limit=50, offset=28)] == [28, 29]
