@@ -127,7 +127,8 @@ class DeadLetterSnapshot:
                     depth = now_depth
             except Exception as exc:  # the broker is away: keep the last read and say so
                 logger.warning("console: reading the dead-letter queue failed: %s", exc)
-                self.current = Snapshot(self.current.letters, self.current.taken_at, redact(str(exc)))
+                last = self.current
+                self.current = Snapshot(last.letters, last.taken_at, redact(str(exc)))
             self._wanted.wait(self.interval)
 
     def start(self) -> None:

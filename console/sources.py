@@ -162,9 +162,9 @@ class Sources:
         """Pause, resume, run now or remove an entry; run-now returns the task id."""
         if action == "run-now":
             return schedules.run_now(self.app, name)
-        {"pause": schedules.pause, "resume": schedules.resume, "remove": schedules.remove}[
-            action
-        ](self.app, name)
+        {"pause": schedules.pause, "resume": schedules.resume, "remove": schedules.remove}[action](
+            self.app, name
+        )
         return None
 
     # --- dead letters ---------------------------------------------------------------------
@@ -181,7 +181,7 @@ class Sources:
         self, *, queue: str | None, task: str | None, reason: str | None
     ) -> list[Letter]:
         letters = self.snapshot.current.letters
-        return [letter for letter in letters if letter.matches(queue=queue, task=task, reason=reason)]
+        return [x for x in letters if x.matches(queue=queue, task=task, reason=reason)]
 
     def dead_letter(self, entry_id: str) -> Letter | None:
         return next((x for x in self.snapshot.current.letters if x.id == entry_id), None)

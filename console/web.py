@@ -68,9 +68,10 @@ class Base(tornado.web.RequestHandler):
     def prepare(self) -> None:
         account = self.ctx.auth.identify(self.request.headers.get("Authorization"))
         if account is None:
-            self.set_header("WWW-Authenticate", 'Basic realm="Conveyor console"')
             raise tornado.web.HTTPError(401)
         self.account = account
+        # Every page sets the CSRF cookie, so any form posted from it carries a valid token.
+        self.xsrf_token  # noqa: B018
 
     @property
     def operator(self) -> bool:
@@ -112,6 +113,9 @@ class Base(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason
+        if status_code == 401:
+            # Set here: sending an error clears the headers set before it.
+            self.set_header("WWW-Authenticate", 'Basic realm="Conveyor console"')
         if self.api or not hasattr(self, "account"):
             self.finish({"error": reason, "status": status_code})
             return
@@ -129,7 +133,10 @@ class Overview(Base):
         payload = {
             "queues": queues,
             "batches": running.as_dict("batches", lambda s: s.as_dict()),
-            "schedules": {"entries": len(entries), "paused": sum(not e["enabled"] for e in entries)},
+            "schedules": {
+                "entries": len(entries),
+                "paused": sum(not e["enabled"] for e in entries),
+            },
             "dead_letters": {"total": len(letters.letters), "by_reason": reasons},
         }
         self.show(
@@ -218,7 +225,8 @@ class Action(Base):
 
     def check_operator(self, action: str, subject: str) -> None:
         if not self.operator:
-            logger.warning("console: %s (viewer) was refused %s %s", self.account.user, action, subject)
+            user = self.account.user
+            logger.warning("console: %s (viewer) was refused %s %s", user, action, subject)
             raise tornado.web.HTTPError(403, reason="Viewers may not act")
         logger.info("console: %s %s %s", self.account.user, action, subject)
 
