@@ -78,6 +78,11 @@ def shown(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def pretty(value: Any) -> str:
+    """A result as indented JSON, redacted."""
+    return str(redact(json.dumps(value, default=str, indent=2, sort_keys=True)))
+
+
 def count_by(letters: Iterable[Letter], key: str) -> dict[str, int]:
     counts = Counter(str(letter.summary.get(key) or "-") for letter in letters)
     return dict(counts.most_common())
@@ -100,6 +105,7 @@ def helpers(flower_url: str | None) -> dict[str, Any]:
         "done_items": done_items,
         "eta_seconds": eta_seconds,
         "shown": shown,
+        "pretty": pretty,
         "unix_iso": unix_iso,
         "flower_url": flower_url,
         "flower_task": flower_task,

@@ -1,0 +1,306 @@
+"""The console against the real stack, in headless Chromium: a private broker and Redis, a real
+worker and the real `celery -A tasks console` process (compose.yaml's command).
+
+It saves a screenshot of every page under the test artifacts (CONVEYOR_TEST_ARTIFACTS);
+docs/console/*.png are these screenshots.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from port_for import get_port
+
+from tests.chaos.test_bad_input import publish_raw, task_body, task_headers
+from tests.infra import WorkerProcess, wait_for
+from tests.monitoring.conftest import ARTIFACTS, ServiceProcess, project_command
+from tests.monitoring.test_flower import browser  # noqa: F401  the headless Chromium fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+OPERATOR = ("olga", "op-s3cret")
+VIEWER = ("victor", "view-s3cret")
+FLOWER = "http://flower.example:5555"
+
+
+def authorization(account: tuple[str, str]) -> str:
+    return "Basic " + base64.b64encode(":".join(account).encode()).decode()
+
+
+@pytest.fixture(scope="module")
+def console_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+    conveyor_app: Any,
+    broker_url: str,
+    result_backend: str,
+    ledger_url: str,
+) -> Iterator[WorkerProcess]:
+    """A real worker that also runs the test batch handlers."""
+    import tests.batch_handlers  # noqa: F401  the producer validates handler names
+
+    process = WorkerProcess(
+        broker_url=broker_url,
+        result_backend=result_backend,
+        workdir=tmp_path_factory.mktemp("console-worker"),
+        name="console",
+        extra_args=["--include=tests.worker_tasks,tests.batch_handlers"],
+        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url},
+    ).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def schedule_prefix(conveyor_app: Any, result_backend: str) -> Iterator[str]:
+    """The app's schedule under a key prefix of this test's own (as tests/scheduling does)."""
+    prefix = f"redbeat-console-{uuid.uuid4().hex[:8]}:"
+    conveyor_app.conf.update(redbeat_redis_url=result_backend, redbeat_key_prefix=prefix)
+    for cached in ("redbeat_conf", "redbeat_redis"):
+        conveyor_app.__dict__.pop(cached, None)
+    yield prefix
+    client = redis.Redis.from_url(result_backend)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    for cached in ("redbeat_conf", "redbeat_redis"):
+        conveyor_app.__dict__.pop(cached, None)
+
+
+@pytest.fixture
+def console(
+    tmp_path: Path, broker_url: str, result_backend: str, schedule_prefix: str
+) -> Iterator[str]:
+    """The console as compose.yaml runs it, on loopback and a free port, with two accounts."""
+    port = get_port(None)
+    service = ServiceProcess(
+        project_command("console", "--address=127.0.0.1", f"--port={port}"),
+        {
+            "CELERY_BROKER_URL": broker_url,
+            "CELERY_RESULT_BACKEND": result_backend,
+            "CONVEYOR_SCHEDULE_REDIS_URL": result_backend,
+            "CELERY_REDBEAT_KEY_PREFIX": schedule_prefix,
+            "CONVEYOR_CONSOLE_AUTH": ":".join(OPERATOR),
+            "CONVEYOR_CONSOLE_VIEWERS": ":".join(VIEWER),
+            "CONVEYOR_FLOWER_URL": FLOWER,
+            "CELERY_CONVEYOR_CONSOLE_DEAD_LETTER_REFRESH": "1",
+        },
+        tmp_path / "console.log",
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    service.wait_for_http(url + "/healthcheck")
+    yield url
+    service.stop()
+    log = service.log()
+    assert "Traceback" not in log, log[-4000:]
+    assert OPERATOR[1] not in log and VIEWER[1] not in log
+
+
+def log_in(driver: Any, account: tuple[str, str]) -> None:
+    """Send this account's basic-auth credentials with every request of this browser."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    headers = {"Authorization": authorization(account)}
+    driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": headers})
+
+
+def page_text(driver: Any) -> str:
+    return str(driver.find_element("tag name", "body").text)
+
+
+def screenshot(driver: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / f"console-{name}.png"))
+
+
+def shows(driver: Any, *texts: str, timeout: float = 30, what: str = "") -> str:
+    """Wait until the page (refreshing itself) shows every text; return the text."""
+
+    def rendered() -> str | None:
+        body = page_text(driver)
+        return body if all(text in body for text in texts) else None
+
+    return str(wait_for(rendered, timeout, interval=0.3, what=what or f"the page to show {texts}"))
+
+
+def click(driver: Any, label: str, within: Any = None) -> None:
+    """Press the button with this label (in `within`, else anywhere on the page)."""
+    scope = within or driver
+    buttons = [b for b in scope.find_elements("tag name", "button") if b.text.strip() == label]
+    if not buttons:
+        screenshot(driver, "missing-button")
+    assert buttons, f"no {label!r} button in {page_text(driver)}"
+    buttons[0].click()
+
+
+def post_as(url: str, path: str, account: tuple[str, str]) -> int:
+    """POST with this account's credentials and a valid CSRF token, as a form would."""
+    auth = {"Authorization": authorization(account)}
+    with urllib.request.urlopen(urllib.request.Request(url + "/", headers=auth)) as response:
+        cookie = response.headers["Set-Cookie"]
+    token = re.search(r"_xsrf=([^;]+)", cookie)
+    assert token is not None
+    body = urllib.parse.urlencode({"_xsrf": token.group(1)}).encode()
+    headers = {**auth, "Cookie": f"_xsrf={token.group(1)}"}
+    request = urllib.request.Request(url + path, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_an_operator_follows_and_acts_on_batches_schedules_and_dead_letters_a_viewer_only_reads(
+    console: str,
+    browser: Any,  # noqa: F811
+    console_worker: WorkerProcess,
+    conveyor_app: Any,
+    broker_url: str,
+    ledger: redis.Redis,
+) -> None:
+    from tasks.batch import api
+    from tasks.schedule import store
+    from tasks.schedule.entries import EntrySpec
+    from tests import worker_tasks
+
+    # Given a task whose error outlasts its retries (it will be dead-lettered, and can succeed
+    # once the error is gone), a poison message no worker knows, a slow batch and a
+    # runtime schedule entry
+    ledger.set("broken:console", 1)
+    exhausted = worker_tasks.transient.apply_async(("console",))
+    poison_id = f"poison-{uuid.uuid4().hex[:8]}"
+    rabbit = SimpleNamespace(url=broker_url)
+    publish_raw(rabbit, task_body([]), headers=task_headers("nobody.knows", poison_id))  # type: ignore[arg-type]
+    items = [{"key": f"k{n % 3}", "value": n} for n in range(120)]
+    slow = {"delay": 0.04}
+    watched = api.submit(
+        "tests.slow_aggregate", items, chunk_size=4, options=slow, app=conveyor_app
+    )
+    store.add(
+        conveyor_app,
+        EntrySpec(
+            name="console-demo",
+            task="tests.add",
+            reason="nightly <b>totals</b>",
+            expires=60,
+            every=3600,
+            args=(1, 2),
+        ),
+    )
+
+    # When the operator logs in, the overview shows the stack
+    browser.set_window_size(1280, 800)
+    log_in(browser, OPERATOR)
+    browser.get(console + "/")
+    shows(browser, "Overview", "Queues", "Latest batches", "olga · operator")
+    assert FLOWER in browser.find_element("link text", "Flower ↗").get_attribute("href")
+
+    # The first batch's page shows its progress bar advancing, on its own, to completed
+    browser.get(f"{console}/batches/{watched}")
+    shows(browser, "running", what="the batch to run")
+    screenshot(browser, "batch-running")
+    seen: set[int] = set()
+
+    def completed() -> bool:
+        # One script reads both: the page replaces its content as it refreshes itself.
+        value, state = browser.execute_script(
+            "return [document.querySelector('progress').value,"
+            " document.getElementById('batch-state').textContent]"
+        )
+        seen.add(int(value))
+        return "completed" in state
+
+    wait_for(completed, 60, interval=0.3, what="the batch's page to show it completed")
+    assert max(seen) == 100 and len(seen) >= 3, f"the bar did not advance step by step: {seen}"
+    shows(browser, "Result", "k0", "k1", "k2")
+    screenshot(browser, "batch")
+
+    # It cancels a second batch from its page while it runs
+    doomed = api.submit(
+        "tests.slow_aggregate", items * 4, chunk_size=4, options=slow, app=conveyor_app
+    )
+    browser.get(f"{console}/batches/{doomed}")
+    click(browser, "Cancel")
+    shows(browser, "cancelled")
+    assert api.status(doomed, app=conveyor_app).state == "cancelled"
+    browser.get(console + "/batches")
+    shows(browser, watched[:12], doomed[:12], "completed", "cancelled")
+    screenshot(browser, "batches")
+
+    # It pauses the runtime entry (no next run), then resumes it (a new next run)
+    browser.get(console + "/schedules")
+    row = browser.find_element("id", "entry-console-demo")
+    before = row.find_element("class name", "next-run").text
+    assert before != "-" and "nightly <b>totals</b>" in row.text
+    click(browser, "Pause", row)
+    row = browser.find_element("id", "entry-console-demo")
+    assert "paused" in row.text and row.find_element("class name", "next-run").text == "-"
+    click(browser, "Resume", row)
+    row = browser.find_element("id", "entry-console-demo")
+    after = row.find_element("class name", "next-run").text
+    assert "enabled" in row.text and after not in ("-", before), (before, after)
+    assert store.get(conveyor_app, "console-demo").enabled
+    screenshot(browser, "schedules")
+
+    # The dead letters show the poison message with its reason, and the exhausted task
+    wait_for(lambda: exhausted.state == "FAILURE", 60, 0.5, "the task to exhaust its retries")
+    browser.get(console + "/dead-letters")
+    text = shows(browser, "nobody.knows", "tests.transient", timeout=60)
+    screenshot(browser, "dead-letters")
+    poison_row = browser.find_element("xpath", "//tr[contains(., 'nobody.knows')]").text
+    assert re.search(r"unknown_task|rejected", poison_row), (poison_row, text)
+    browser.get(f"{console}/dead-letters/{poison_id}")
+    shows(browser, "nobody.knows", "Headers", "Body")
+    assert browser.find_element("link text", poison_id).get_attribute("href") == (
+        f"{FLOWER}/task/{poison_id}"
+    )
+    screenshot(browser, "dead-letter")
+
+    # Replaying the exhausted task, once its cause is fixed, runs it under its own id
+    ledger.delete("broken:console")
+    browser.get(f"{console}/dead-letters/{exhausted.id}")
+    click(browser, "Replay")
+    shows(browser, "replayed 1 message(s)")
+    # A fresh AsyncResult: the first one keeps the FAILURE it has seen.
+    rerun = conveyor_app.AsyncResult(exhausted.id)
+    wait_for(lambda: rerun.state == "SUCCESS", 30, 0.5, "the replayed task to succeed")
+    assert rerun.get(timeout=5) == "ok"
+
+    def replayed_entry_gone() -> bool:
+        browser.get(console + "/dead-letters")
+        return "nobody.knows" in page_text(browser) and "tests.transient" not in page_text(browser)
+
+    wait_for(replayed_entry_gone, 15, 0.5, "the replayed entry to leave the dead letters")
+
+    browser.get(console + "/queues")
+    shows(browser, "default", "batch", "consumers")
+    screenshot(browser, "queues")
+    browser.get(console + "/")
+    shows(browser, "Dead letters by reason")
+    screenshot(browser, "overview")
+    browser.set_window_size(420, 900)
+    browser.get(f"{console}/batches/{watched}")
+    shows(browser, "completed")
+    screenshot(browser, "narrow")
+    browser.set_window_size(1280, 800)
+
+    # A viewer sees the same pages without a single action, and a POST is refused
+    log_in(browser, VIEWER)
+    for path in ("/batches/" + doomed, "/schedules", "/dead-letters"):
+        browser.get(console + path)
+        shows(browser, "victor · viewer")
+        assert not browser.find_elements("css selector", "form[method=post]"), path
+        labels = {b.text for b in browser.find_elements("tag name", "button")}
+        assert labels <= {"Show", "Filter"}, (path, labels)
+    screenshot(browser, "viewer")
+    assert post_as(console, f"/batches/{watched}/retry", VIEWER) == 403
+    assert post_as(console, "/schedules/console-demo/pause", VIEWER) == 403
+    assert store.get(conveyor_app, "console-demo").enabled
