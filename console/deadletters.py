@@ -3,32 +3,34 @@
 Reading the queue means a basic.get per message (tasks.deadletter.store): seconds for 10,000
 messages, far too slow for a request. One thread reads it when its depth changes (a passive
 declare every `interval` seconds, which costs the broker nothing), at least every `max_age`
-seconds, and right after an action. It keeps each message's summary, its headers with long
-values cut, and a short body preview, all redacted: about a kilobyte a message, whatever the
-bodies weigh.
+seconds, and right after an action. It keeps each message as the store reads it, with long
+header values cut and only the start of the body: about a kilobyte a message, whatever the
+bodies weigh. Pages redact what they show (console/views.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from core.redaction import redact
+from tasks.deadletter.store import Entry
 
 logger = logging.getLogger(__name__)
 
 #: Longest header value kept (characters); longer ones are cut and marked.
 HEADER_CHARS = 300
-#: The reasons of entries that can never succeed (dead-letter reasons, CONTRACTS.md), for a
-#: store that does not yet say `replayable` itself.
-NEVER_REPLAYABLE = frozenset({"content_disallowed", "undecodable", "malformed", "unknown_task"})
 
 
 def _cut(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
     if isinstance(value, str) and len(value) > HEADER_CHARS:
         return value[:HEADER_CHARS] + "…"
     if isinstance(value, dict):
@@ -38,49 +40,47 @@ def _cut(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class Letter:
-    """What the console keeps of one dead-lettered message."""
-
-    summary: dict[str, Any]
-    headers: dict[str, Any] = field(repr=False)
-    preview: str = field(repr=False)
-
-    @property
-    def id(self) -> str:
-        return str(self.summary["id"])
-
-    @property
-    def replayable(self) -> bool:
-        given = self.summary.get("replayable")
-        if given is not None:
-            return bool(given)
-        return self.summary.get("reason") not in NEVER_REPLAYABLE
-
-    def matches(self, *, queue: str | None, task: str | None, reason: str | None) -> bool:
-        wanted = {"queue": queue, "task": task, "reason": reason}
-        return all(value is None or self.summary.get(key) == value for key, value in wanted.items())
+def trimmed(entry: Entry, preview_bytes: int) -> Entry:
+    """The entry with its headers' long values cut and only the start of its body kept (its
+    `size` stays the whole body's)."""
+    return replace(entry, headers=_cut(entry.headers), body=entry.body[:preview_bytes])
 
 
-def letter_from(entry: Any, preview_bytes: int) -> Letter:
-    """Keep a store Entry's summary, its headers and the start of its body, redacted."""
-    details = entry.details()
-    body = entry.body[:preview_bytes].decode("utf-8", errors="replace")
-    if len(entry.body) > preview_bytes:
-        body += f"… ({len(entry.body)} bytes)"
-    return Letter(
-        summary=redact(entry.summary()),
-        headers=redact(_cut(details["headers"])),
-        preview=redact(body),
-    )
+def headers(entry: Entry) -> dict[str, Any]:
+    """The entry's headers as JSON values, redacted, for display."""
+    return dict(redact(entry.details()["headers"]))
+
+
+def preview(entry: Entry) -> str:
+    """The start of the body as text, redacted, saying when it was cut."""
+    text = entry.body.decode("utf-8", errors="replace")
+    if entry.size > len(entry.body):
+        text += f"… ({entry.size} bytes)"
+    return str(redact(text))
+
+
+#: A read of the queue may take at most this share of the time: reading 10,000 messages takes
+#: seconds of the broker's work, so a busy dead-letter queue is not re-read back to back.
+READ_SHARE = 0.2
 
 
 @dataclass
 class Snapshot:
-    letters: list[Letter]
+    letters: list[Entry]
     #: Unix time of the read; 0 before the first one.
     taken_at: float
     error: str | None = None
+    #: Seconds the read took.
+    read_seconds: float = 0.0
+
+    @functools.cached_property
+    def choices(self) -> dict[str, list[str]]:
+        """The values each filter (queue, task, reason) can take, most frequent first."""
+        return {key: list(self.counts(key)) for key in ("queue", "task", "reason")}
+
+    def counts(self, key: str) -> dict[str, int]:
+        found = Counter(str(getattr(entry, key) or "-") for entry in self.letters)
+        return dict(found.most_common())
 
 
 class DeadLetterSnapshot:
@@ -88,12 +88,12 @@ class DeadLetterSnapshot:
 
     def __init__(
         self,
-        read: Callable[[], Iterable[Any]],
+        read: Callable[[], Iterable[Entry]],
         depth: Callable[[], int | None],
         *,
         preview_bytes: int,
         interval: float,
-        max_age: float = 60.0,
+        max_age: float = 600.0,
     ) -> None:
         self._read, self._depth = read, depth
         self.preview_bytes, self.interval, self.max_age = preview_bytes, interval, max_age
@@ -104,17 +104,24 @@ class DeadLetterSnapshot:
 
     def refresh(self) -> Snapshot:
         """Read the whole queue now (the caller holds the store's lock, see sources)."""
-        letters = [letter_from(entry, self.preview_bytes) for entry in self._read()]
-        self.current = Snapshot(letters, time.time())
+        started = time.monotonic()
+        letters = [trimmed(entry, self.preview_bytes) for entry in self._read()]
+        self.current = Snapshot(letters, time.time(), read_seconds=time.monotonic() - started)
         return self.current
 
     def request_refresh(self) -> None:
         self._wanted.set()
 
     def _due(self, last_depth: int | None) -> tuple[bool, int | None]:
+        """Whether to read now: asked to (an action), or the depth changed or the read is old,
+        and the last read was long enough ago (READ_SHARE)."""
+        if self._wanted.is_set():
+            return True, self._depth()
         depth = self._depth()
-        stale = time.time() - self.current.taken_at >= self.max_age
-        return self._wanted.is_set() or stale or depth != last_depth, depth
+        age = time.time() - self.current.taken_at
+        if age < self.current.read_seconds / READ_SHARE:
+            return False, last_depth
+        return depth != last_depth or age >= self.max_age, depth
 
     def _loop(self) -> None:
         depth: int | None = -1
@@ -126,9 +133,10 @@ class DeadLetterSnapshot:
                     self.refresh()
                     depth = now_depth
             except Exception as exc:  # the broker is away: keep the last read and say so
-                logger.warning("console: reading the dead-letter queue failed: %s", exc)
+                error = redact(str(exc))
+                logger.warning("console: reading the dead-letter queue failed: %s", error)
                 last = self.current
-                self.current = Snapshot(last.letters, last.taken_at, redact(str(exc)))
+                self.current = Snapshot(last.letters, last.taken_at, error, last.read_seconds)
             self._wanted.wait(self.interval)
 
     def start(self) -> None:

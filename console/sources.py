@@ -20,11 +20,12 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 
-from console.deadletters import DeadLetterSnapshot, Letter
+from console.deadletters import DeadLetterSnapshot
 from monitoring import queue_stats
 from tasks.batch import api as batch_api
 from tasks.batch.store import FINAL_STATES, BatchNotFound, Status
 from tasks.deadletter import store as dead_letters
+from tasks.deadletter.store import Entry
 from tasks.schedule import store as schedules
 from tasks.schedule.monitoring import overview_section as schedule_overview
 
@@ -87,7 +88,7 @@ class Sources:
             return cached[1]
         snap = queue_stats.snapshot(self.app)
         oldest = self._oldest_waiting()
-        by_origin = Counter(letter.summary.get("queue") for letter in self.snapshot.current.letters)
+        by_origin = Counter(entry.queue for entry in self.snapshot.current.letters)
         rows = [
             {
                 **stats.as_dict(),
@@ -179,27 +180,24 @@ class Sources:
 
     def dead_letters(
         self, *, queue: str | None, task: str | None, reason: str | None
-    ) -> list[Letter]:
-        letters = self.snapshot.current.letters
-        return [x for x in letters if x.matches(queue=queue, task=task, reason=reason)]
+    ) -> list[Entry]:
+        select = dead_letters.matching(origin=queue, task=task, reason=reason)
+        return [entry for entry in self.snapshot.current.letters if select(entry)]
 
-    def dead_letter(self, entry_id: str) -> Letter | None:
+    def dead_letter(self, entry_id: str) -> Entry | None:
         return next((x for x in self.snapshot.current.letters if x.id == entry_id), None)
 
     def replay(self, ids: set[str], *, force: bool) -> list[str]:
         """Replay the entries with these ids (the never-replayable ones only with force)."""
-        replayable = {x.id for x in self.snapshot.current.letters if x.id in ids and x.replayable}
-        chosen = ids if force else replayable
         conf = self.app.conf
-        options: dict[str, Any] = {"force": True} if force else {}
         with self._dead_letter_lock, self.app.connection_for_write() as connection:
             done = dead_letters.replay(
                 connection,
                 self.dead_letter_queue,
                 exchange=conf.conveyor_task_exchange,
-                select=lambda entry: entry.id in chosen,
+                select=lambda entry: entry.id in ids,
                 confirm_timeout=float(conf.conveyor_publish_timeout),
-                **options,
+                force=force,
             )
         self.snapshot.request_refresh()
         return [entry.id for entry in done]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from console.deadletters import Letter
+from console import deadletters
 from console.sources import eta_seconds
 from core.redaction import redact
 from tasks.batch.store import Status
@@ -83,16 +81,6 @@ def pretty(value: Any) -> str:
     return str(redact(json.dumps(value, default=str, indent=2, sort_keys=True)))
 
 
-def count_by(letters: Iterable[Letter], key: str) -> dict[str, int]:
-    counts = Counter(str(letter.summary.get(key) or "-") for letter in letters)
-    return dict(counts.most_common())
-
-
-def choices(letters: list[Letter]) -> dict[str, list[str]]:
-    """The values each dead-letter filter can take, from the current snapshot."""
-    return {key: sorted(count_by(letters, key)) for key in ("queue", "task", "reason")}
-
-
 def helpers(flower_url: str | None) -> dict[str, Any]:
     def flower_task(task_id: str) -> str | None:
         return f"{flower_url}/task/{quote(task_id, safe='')}" if flower_url else None
@@ -107,6 +95,9 @@ def helpers(flower_url: str | None) -> dict[str, Any]:
         "shown": shown,
         "pretty": pretty,
         "unix_iso": unix_iso,
+        "redact": redact,
+        "headers": deadletters.headers,
+        "preview": deadletters.preview,
         "flower_url": flower_url,
         "flower_task": flower_task,
     }

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import tornado.web
 from tornado.ioloop import IOLoop
 
-from console import views
+from console import deadletters, views
 from console.auth import OPERATOR, Account, Authenticator
 from console.sources import UNAVAILABLE, Sources
 from core.redaction import redact
@@ -129,7 +129,7 @@ class Overview(Base):
         running = await self.call(sources.batches, offset=0, limit=5, state=None)
         entries = await self.call(sources.schedules)
         letters = sources.snapshot.current
-        reasons = views.count_by(letters.letters, "reason")
+        reasons = letters.counts("reason")
         payload = {
             "queues": queues,
             "batches": running.as_dict("batches", lambda s: s.as_dict()),
@@ -192,7 +192,7 @@ class DeadLetters(Base):
         matching = sources.dead_letters(**filters)
         snapshot = sources.snapshot.current
         payload = {
-            "entries": [x.summary for x in matching[offset : offset + limit]],
+            "entries": [redact(x.summary()) for x in matching[offset : offset + limit]],
             "total": len(matching),
             "offset": offset,
             "limit": limit,
@@ -207,7 +207,7 @@ class DeadLetters(Base):
             limit=limit,
             filters=filters,
             snapshot=snapshot,
-            choices=views.choices(snapshot.letters),
+            choices=snapshot.choices,
         )
 
 
@@ -216,7 +216,11 @@ class DeadLetter(Base):
         letter = self.ctx.sources.dead_letter(entry_id)
         if letter is None:
             raise tornado.web.HTTPError(404, reason="No such dead letter (replayed or purged?)")
-        payload = {**letter.summary, "headers": letter.headers, "body_preview": letter.preview}
+        payload = {
+            **redact(letter.summary()),
+            "headers": deadletters.headers(letter),
+            "body_preview": deadletters.preview(letter),
+        }
         self.show("dead_letter.html", payload, letter=letter)
 
 

@@ -1,11 +1,11 @@
-"""Keep every password in a URL setting out of `celery inspect conf` and Flower's config view.
+"""Keep passwords out of `celery inspect conf`, Flower's config view and dead-letter reasons.
 
 Celery masks settings whose names match its HIDDEN_SETTINGS pattern (API, KEY, PASS, ...) and
 the password in the broker and result-backend URLs, but not in other URL settings:
 `redbeat_redis_url` or `conveyor_idempotency_url` would be shown with the Redis password.
 The censoring function is wrapped so that the password of any URL-valued setting is masked,
-whatever the setting's name. `redact` is the same masking for anything else shown to a person
-(the console's dead-letter headers and bodies, batch items): every URL password in any string.
+whatever the setting's name. `redact_text` applies the same masking to free text (an
+exception's message), and also masks ``key=value`` pairs whose key names a secret.
 """
 
 from __future__ import annotations
@@ -15,16 +15,39 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery.app import utils
+from kombu.utils.url import maybe_sanitize_url
 
 MASK = "*" * 8
-#: scheme://user:PASSWORD@ anywhere in a text (a URL alone, or inside a message).
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+#: A URL inside free text; masked when it carries credentials.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+#: ``password=...`` or ``api_key: ...`` in free text (names as in Celery's HIDDEN_SETTINGS).
+_SECRET_PAIR = re.compile(
+    r"(?i)\b([\w-]*(?:passw(?:or)?d|pwd|secret|token|api_?key|signature|authorization)[\w-]*)"
+    r"(\s*[=:]\s*)([^\s,;&'\")\]}]+)"
+)
+
+
+def _sanitize(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return maybe_sanitize_url(value, mask=MASK)
+    if isinstance(value, Mapping):
+        return {key: _sanitize(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_sanitize(item) for item in value)
+    return value
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL passwords and ``secret=value`` pairs masked."""
+    text = _URL.sub(lambda match: str(_sanitize(match.group(0))), text)
+    return _SECRET_PAIR.sub(lambda match: match.group(1) + match.group(2) + MASK, text)
 
 
 def redact(value: Any) -> Any:
-    """`value` with the password of every URL in it masked, in strings, mappings and lists."""
+    """`value` with every string in it passed through redact_text (mappings and lists walked):
+    for whole headers, bodies and results shown to a person (the console)."""
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\g<head>{MASK}@", value) if "://" in value else value
+        return redact_text(value)
     if isinstance(value, Mapping):
         return {key: redact(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -39,7 +62,7 @@ def install() -> None:
         return
 
     def filter_hidden_settings(conf: Any) -> dict[str, Any]:
-        return {key: redact(value) for key, value in original(conf).items()}
+        return {key: _sanitize(value) for key, value in original(conf).items()}
 
     filter_hidden_settings.conveyor_wrapped = True  # type: ignore[attr-defined]
     namespace["filter_hidden_settings"] = filter_hidden_settings

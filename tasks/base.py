@@ -17,6 +17,7 @@ import redis.exceptions
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 
+from core.dead_letters import RetriesExhausted
 from core.events import sent_events
 from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
 from tasks.schedule import overlap
@@ -208,7 +209,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
         return retry
 
     def _dead_letter(self, why: str, exc: Exception | None) -> NoReturn:
-        """Store the failure and reject the message to the dead-letter queue."""
+        """Store the failure and send the message to the dead-letter queue with its reason.
+
+        RetriesExhausted is a Reject: the worker (workers/bad_input.py) dead-letters a copy
+        carrying the reason ``retries_exhausted`` and the exception, then acks the original.
+        """
         request = self.request
         reason: Exception = exc if exc is not None else RuntimeError(why)
         logger.error(
@@ -221,7 +226,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             reason,
         )
         self.backend.mark_as_failure(str(request.id), reason, request=request)
-        raise Reject(reason, requeue=False)
+        raise RetriesExhausted(reason, requeue=False)
 
     def run_once(
         self,

@@ -1,17 +1,21 @@
-"""Bad input is dead-lettered, logged with its reason and counted, never silently dropped.
+"""Bad input is dead-lettered with its reason, logged and counted, never silently dropped.
 
 Celery acks and drops a message whose body cannot be decoded (truncated JSON, bad compression,
-hostile nesting): Consumer.on_decode_error logs it and calls ``message.ack()``. This consumer
-step replaces that callback with one that rejects the message without requeue, so RabbitMQ
-moves it to the dead-letter exchange (x-death reason ``rejected``), where `celery -A tasks dlq`
-can show it. Messages Celery already rejects (no task header, unknown task name, refused content
-type such as pickle, malformed protocol fields) are counted and logged through its
-``task_rejected`` and ``task_unknown`` signals.
+hostile nesting): Consumer.on_decode_error logs it and calls ``message.ack()``. Celery rejects
+without requeue a message with no task header, an unknown task name, a refused content type
+(such as pickle) or malformed protocol fields, and a task that raised Reject. This consumer
+step makes each of them a dead letter that says why: the worker publishes a confirmed copy
+with Conveyor's reason headers to the dead-letter exchange and acks the original
+(workers/dead_letter.py), where `celery -A tasks dlq` shows it. The reasons are
+``content_disallowed``, ``undecodable``, ``malformed`` and ``unknown_task`` for bad input, and
+``retries_exhausted`` for a task that raised core.dead_letters.RetriesExhausted.
 
 Every rejection writes one line ``message rejected reason=<reason> total=<n>``, the totals
 per reason answer ``celery -A tasks inspect conveyor_rejections``, and a ``conveyor-rejected``
-event (reason, queue) goes out with the task events, which the exporter counts as
-``conveyor_messages_rejected_total`` (monitoring/exporter/).
+event (reason, queue: the queue it was consumed from) goes out with the task events, which the
+exporter counts as ``conveyor_messages_rejected_total`` (monitoring/exporter/). The counted
+reasons are finer than the dead-letter ones: ``not_a_task`` and ``invalid_task`` are both
+dead-lettered as ``malformed``.
 
 The step also declares the alternate exchange of the task exchange and its queue, so a message
 published to ``conveyor`` with a routing key that matches no queue is kept, not dropped.
@@ -22,11 +26,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery import bootsteps, signals
 from celery.worker.control import inspect_command
 from kombu import Exchange, Queue
+
+from core.dead_letters import RETRIES_EXHAUSTED, RetriesExhausted
+from workers.dead_letter import Why, dead_letter, queue_of
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,11 @@ PREVIEW_BYTES = 120
 REJECTED_EVENT = "conveyor-rejected"
 #: The worker's consumer, whose event dispatcher sends REJECTED_EVENT (set by the step).
 _consumer: Any = None
+#: Task id -> why, for tasks whose retries ran out, until their message is rejected (which
+#: Celery does right after the task_failure signal that fills it).
+_exhausted: dict[str, Why] = {}
+#: Exception name given for a refused message that raised none (no task header, bad fields).
+INVALID_TASK = "InvalidTaskError"
 
 
 def count_rejection(reason: str, message: Any, detail: object = "") -> int:
@@ -51,7 +65,7 @@ def count_rejection(reason: str, message: Any, detail: object = "") -> int:
     headers = getattr(message, "headers", None) or {}
     delivery = getattr(message, "delivery_info", None) or {}
     body = getattr(message, "body", b"") or b""
-    _send_event(reason, str(delivery.get("routing_key") or "-"))
+    _send_event(reason, queue_of(_consumer, message))
     logger.error(
         "message rejected reason=%s total=%d task=%s id=%s queue=%s content_type=%s "
         "size=%d detail=%.300r preview=%r",
@@ -80,10 +94,10 @@ def _send_event(reason: str, queue: str) -> None:
 
 
 def dead_letter_undecodable(message: Any, exc: BaseException) -> None:
-    """Replacement for Consumer.on_decode_error: reject (dead-letter) instead of ack (drop)."""
+    """Replacement for Consumer.on_decode_error: dead-letter instead of ack (drop)."""
     reason = "content_disallowed" if type(exc).__name__ == "ContentDisallowed" else "undecodable"
     count_rejection(reason, message, f"{type(exc).__name__}: {exc}")
-    message.reject(requeue=False)
+    dead_letter(_consumer, message, Why(reason, type(exc).__name__, str(exc)))
 
 
 def protocol_problem(message: Any) -> str | None:
@@ -136,8 +150,10 @@ def guard_task_handler(c: Any) -> None:
             problem = protocol_problem(message)
             if problem:
                 count_rejection("malformed", message, problem)
-                message.reject(requeue=False)
+                dead_letter(c, message, Why("malformed", INVALID_TASK, problem))
                 return None
+            # Celery rejects through this method (bad input, a task's Reject): see _on_reject.
+            message.reject_log_error = partial(_on_reject, message)
             try:
                 return handler(message)
             except connection_errors:
@@ -145,7 +161,7 @@ def guard_task_handler(c: Any) -> None:
             except Exception as exc:
                 count_rejection("malformed", message, f"{type(exc).__name__}: {exc}")
                 if not message.acknowledged:
-                    message.reject(requeue=False)
+                    dead_letter(c, message, Why("malformed", type(exc).__name__, str(exc)))
                 return None
 
         return on_task_received
@@ -170,17 +186,71 @@ class DeadLetterBadInput(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.connection:Connection",)
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
+        global _consumer
         super().__init__(c, **kwargs)
-        # Set before the Tasks step builds the task consumer, which reads this attribute.
+        _consumer = c
+        # Set before the Tasks step builds the task consumer, which reads these attributes.
         c.on_decode_error = dead_letter_undecodable
+        c.on_unknown_message = explained(c.on_unknown_message, _not_a_task)
+        c.on_unknown_task = explained(c.on_unknown_task, _unknown_task)
+        c.on_invalid_task = explained(c.on_invalid_task, _invalid_task)
         guard_task_handler(c)
 
     def start(self, c: Any) -> None:
-        global _consumer
-        _consumer = c
         _, queue = unroutable_entities(c.app.conf)
         with c.connection.channel() as channel:
             queue.bind(channel).declare()
+
+
+def _on_reject(message: Any, log: Any, errors: Any, requeue: bool = False) -> None:
+    """Message.reject_log_error for task messages: dead-letter with the reason when it is known.
+
+    Celery rejects a message itself, then sends the signal that says why (task_rejected,
+    task_unknown), so the reason is attached to the message before (`explained`); for a task
+    whose retries ran out it comes from the task_failure signal (`_on_failure`).
+    """
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    why = message.__dict__.pop("conveyor_why", None) or _exhausted.pop(str(headers.get("id")), None)
+    if requeue or why is None:
+        type(message).reject_log_error(message, log, errors, requeue)
+        return
+    try:
+        dead_letter(_consumer, message, why)
+    except errors as exc:
+        log.critical("couldn't dead-letter message: %r", exc, exc_info=True)
+
+
+def explained(handler: Callable[..., Any], why: Callable[..., Why]) -> Callable[..., Any]:
+    """Wrap one of Celery's bad-message handlers so that its reject carries `why`."""
+
+    def explained_handler(body: Any, message: Any, *args: Any) -> Any:
+        message.conveyor_why = why(message, *args)
+        return handler(body, message, *args)
+
+    return explained_handler
+
+
+def _not_a_task(message: Any) -> Why:
+    return Why("malformed", INVALID_TASK, "no Celery task header")
+
+
+def _unknown_task(message: Any, exc: Any = None) -> Why:
+    name = message.headers.get("task") if isinstance(message.headers, dict) else None
+    return Why("unknown_task", "NotRegistered", f"no task named {name!r} is registered")
+
+
+def _invalid_task(message: Any, exc: Any = None) -> Why:
+    name = type(exc).__name__
+    return Why("content_disallowed" if name == "ContentDisallowed" else "malformed", name, str(exc))
+
+
+def _on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+    """Remember why a task that ran out of retries is about to be rejected."""
+    if isinstance(exception, RetriesExhausted):
+        if len(_exhausted) >= 10_000:  # rejected by a path that never asked: don't grow
+            _exhausted.clear()
+        cause: Any = getattr(exception, "reason", None)
+        _exhausted[str(task_id)] = Why(RETRIES_EXHAUSTED, type(cause).__name__, str(cause))
 
 
 def _on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
@@ -207,3 +277,4 @@ def conveyor_rejections(state: Any) -> dict[str, int]:
 def connect() -> None:
     signals.task_rejected.connect(_on_rejected, weak=False)
     signals.task_unknown.connect(_on_unknown, weak=False)
+    signals.task_failure.connect(_on_failure, weak=False)

@@ -207,7 +207,7 @@ def test_b1_a_truncated_json_body_is_dead_lettered_not_dropped(
     publish_raw(chaos_rabbit, task_body([1, 2])[:-7], headers=task_headers("tests.add", task_id))
     rejected(chaos_app, bad_input_worker, since, "undecodable")
     entry = dead_letter(chaos_rabbit, task_id)
-    assert entry.reason == "rejected"
+    assert entry.reason == "undecodable"
     assert entry.queue == "default"
     still_works(bad_input_worker)
 
@@ -225,12 +225,12 @@ def test_b2_an_unknown_task_name_is_dead_lettered_and_recorded_as_failed(
 
 
 @pytest.mark.parametrize(
-    ("content_type", "body", "reason"),
+    ("content_type", "body", "reason", "dead_letter_reason"),
     [
         # Celery refuses the text/plain content type before it looks for a task header
-        ("text/plain", b"hello, is this the queue?", "content_disallowed"),
+        ("text/plain", b"hello, is this the queue?", "content_disallowed", "content_disallowed"),
         # Accepted JSON that is not a task: no task header, and no protocol-1 "task" key
-        ("application/json", b'{"order": 7, "status": "paid"}', "not_a_task"),
+        ("application/json", b'{"order": 7, "status": "paid"}', "not_a_task", "malformed"),
     ],
     ids=["text", "json"],
 )
@@ -238,6 +238,7 @@ def test_b3_a_plain_message_without_celery_headers_is_dead_lettered(
     content_type: str,
     body: bytes,
     reason: str,
+    dead_letter_reason: str,
     chaos_app: Any,
     chaos_rabbit: ChaosRabbitNode,
     bad_input_worker: WorkerProcess,
@@ -246,7 +247,7 @@ def test_b3_a_plain_message_without_celery_headers_is_dead_lettered(
     marker = str(uuid.uuid4())
     publish_raw(chaos_rabbit, body, headers=None, content_type=content_type, correlation_id=marker)
     rejected(chaos_app, bad_input_worker, since, reason)
-    assert dead_letter(chaos_rabbit, marker).reason == "rejected"
+    assert dead_letter(chaos_rabbit, marker).reason == dead_letter_reason
     still_works(bad_input_worker)
 
 
@@ -401,7 +402,7 @@ def test_b9_bad_protocol_fields_are_dead_lettered_with_a_log_line_and_the_worker
     line = rejected(chaos_app, bad_input_worker, since, reason)
     assert f"id={headers['id']} " in line
     # The dead letter is found by its id, or by its correlation id when it has none
-    assert dead_letter(chaos_rabbit, task_id).reason == "rejected"
+    assert dead_letter(chaos_rabbit, task_id).reason == "malformed"
     assert ledger.hget("runs", task_id) is None
     still_works(bad_input_worker)
 

@@ -66,7 +66,7 @@ def test_a_transient_error_retries_with_backoff_then_is_dead_lettered_not_droppe
     assert result.state == "FAILURE"
     entry = in_dlq(chaos, result.id)
     assert entry is not None
-    assert entry.reason == "rejected"
+    assert entry.reason == "retries_exhausted"
     assert entry.task == "tests.transient"
     assert entry.queue == "default"
 
@@ -148,7 +148,7 @@ def test_dlq_list_filters_by_queue_and_replay_selects_by_task_or_all(chaos: Chao
     assert listed_ids(chaos, "--queue", "priority") == set()
     readable = dlq(chaos, "list", "--queue", "batch")
     assert readable.returncode == 0, readable.stderr
-    assert f"{unknown}  task=nobody.knows  queue=batch  reason=rejected" in readable.stdout
+    assert f"{unknown}  task=nobody.knows  queue=batch  reason=unknown_task" in readable.stdout
     assert "1 message(s)" in readable.stdout
 
     # replay needs exactly one selection, and show/replay say when an id is not there
@@ -172,8 +172,8 @@ def test_dlq_list_filters_by_queue_and_replay_selects_by_task_or_all(chaos: Chao
     wait_for(lambda: transient.state == "SUCCESS", 30, 0.5, "the replayed task to succeed")
     assert listed_ids(chaos) == {unknown}
 
-    # replay --all takes the rest, to its own queue; the unknown task is rejected again
-    everything = dlq(chaos, "replay", "--all")
+    # replay --all --force takes the rest, to its own queue; the unknown task is rejected again
+    everything = dlq(chaos, "replay", "--all", "--force")
     assert everything.returncode == 0, everything.stderr
     assert f"replayed {unknown} task=nobody.knows -> batch" in everything.stdout
     assert "replayed 1 message(s)" in everything.stdout

@@ -9,7 +9,7 @@ from typing import Any
 from console.deadletters import DeadLetterSnapshot
 from console.sources import Page
 from tasks.batch.store import Status
-from tasks.deadletter.store import Entry
+from tasks.deadletter.store import Entry, matching
 from tasks.schedule.store import EntryView
 
 HOSTILE = "<script>alert('owned')</script>"
@@ -134,11 +134,8 @@ class FakeSources:
         return None
 
     def dead_letters(self, *, queue: str | None, task: str | None, reason: str | None) -> Any:
-        return [
-            x
-            for x in self.snapshot.current.letters
-            if x.matches(queue=queue, task=task, reason=reason)
-        ]
+        select = matching(origin=queue, task=task, reason=reason)
+        return [x for x in self.snapshot.current.letters if select(x)]
 
     def dead_letter(self, entry_id: str) -> Any:
         return next((x for x in self.snapshot.current.letters if x.id == entry_id), None)

@@ -22,10 +22,12 @@ import pytest
 import redis
 from port_for import get_port
 
+from tests.batch.conftest import batch_worker_process
 from tests.chaos.test_bad_input import publish_raw, task_body, task_headers
 from tests.infra import WorkerProcess, wait_for
 from tests.monitoring.conftest import ARTIFACTS, ServiceProcess, project_command
 from tests.monitoring.test_flower import browser  # noqa: F401  the headless Chromium fixture
+from tests.scheduling.conftest import schedule_app  # noqa: F401  the test's own schedule
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -46,39 +48,21 @@ def console_worker(
     result_backend: str,
     ledger_url: str,
 ) -> Iterator[WorkerProcess]:
-    """A real worker that also runs the test batch handlers."""
+    """A real worker that also runs the test batch handlers (tests/batch's worker)."""
     import tests.batch_handlers  # noqa: F401  the producer validates handler names
 
-    process = WorkerProcess(
-        broker_url=broker_url,
-        result_backend=result_backend,
-        workdir=tmp_path_factory.mktemp("console-worker"),
-        name="console",
-        extra_args=["--include=tests.worker_tasks,tests.batch_handlers"],
-        env={"CONVEYOR_TEST_LEDGER_URL": ledger_url},
-    ).start()
-    yield process
+    workdir = tmp_path_factory.mktemp("console-worker")
+    process = batch_worker_process(workdir, broker_url, result_backend, ledger_url, "console")
+    yield process.start()
     process.stop()
 
 
 @pytest.fixture
-def schedule_prefix(conveyor_app: Any, result_backend: str) -> Iterator[str]:
-    """The app's schedule under a key prefix of this test's own (as tests/scheduling does)."""
-    prefix = f"redbeat-console-{uuid.uuid4().hex[:8]}:"
-    conveyor_app.conf.update(redbeat_redis_url=result_backend, redbeat_key_prefix=prefix)
-    for cached in ("redbeat_conf", "redbeat_redis"):
-        conveyor_app.__dict__.pop(cached, None)
-    yield prefix
-    client = redis.Redis.from_url(result_backend)
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
-    for cached in ("redbeat_conf", "redbeat_redis"):
-        conveyor_app.__dict__.pop(cached, None)
-
-
-@pytest.fixture
 def console(
-    tmp_path: Path, broker_url: str, result_backend: str, schedule_prefix: str
+    tmp_path: Path,
+    broker_url: str,
+    result_backend: str,
+    schedule_app: Any,  # noqa: F811
 ) -> Iterator[str]:
     """The console as compose.yaml runs it, on loopback and a free port, with two accounts."""
     port = get_port(None)
@@ -88,7 +72,8 @@ def console(
             "CELERY_BROKER_URL": broker_url,
             "CELERY_RESULT_BACKEND": result_backend,
             "CONVEYOR_SCHEDULE_REDIS_URL": result_backend,
-            "CELERY_REDBEAT_KEY_PREFIX": schedule_prefix,
+            # The test's own schedule, as tests/scheduling's schedule_app keeps it.
+            "CELERY_REDBEAT_KEY_PREFIX": schedule_app.conf.redbeat_key_prefix,
             "CONVEYOR_CONSOLE_AUTH": ":".join(OPERATOR),
             "CONVEYOR_CONSOLE_VIEWERS": ":".join(VIEWER),
             "CONVEYOR_FLOWER_URL": FLOWER,
@@ -256,9 +241,12 @@ def test_an_operator_follows_and_acts_on_batches_schedules_and_dead_letters_a_vi
     text = shows(browser, "nobody.knows", "tests.transient", timeout=60)
     screenshot(browser, "dead-letters")
     poison_row = browser.find_element("xpath", "//tr[contains(., 'nobody.knows')]").text
-    assert re.search(r"unknown_task|rejected", poison_row), (poison_row, text)
+    assert "unknown_task" in poison_row and "never succeeds" in poison_row, (poison_row, text)
+    exhausted_row = browser.find_element("xpath", "//tr[contains(., 'tests.transient')]").text
+    assert "retries_exhausted" in exhausted_row and "ConnectionError" in exhausted_row
+    assert "never succeeds" not in exhausted_row
     browser.get(f"{console}/dead-letters/{poison_id}")
-    shows(browser, "nobody.knows", "Headers", "Body")
+    shows(browser, "nobody.knows", "unknown_task", "not replayed unless forced", "Headers")
     assert browser.find_element("link text", poison_id).get_attribute("href") == (
         f"{FLOWER}/task/{poison_id}"
     )
