@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from celery import Celery
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -21,7 +22,7 @@ from tasks.batch.store import FINAL_STATES, Status
 MAX_BATCHES = 500
 
 
-def batch_statuses(app: Any, limit: int = MAX_BATCHES) -> list[Status]:
+def batch_statuses(app: Celery, limit: int = MAX_BATCHES) -> list[Status]:
     """The newest batches still kept in Redis (finished ones until they expire), newest last.
 
     Read from the batch index (a sorted set), never by scanning the keyspace."""
@@ -31,7 +32,7 @@ def batch_statuses(app: Any, limit: int = MAX_BATCHES) -> list[Status]:
 class BatchCollector(Collector):
     """Batches by state, and item progress of every batch not finished yet."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Celery) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
@@ -67,11 +68,11 @@ class BatchCollector(Collector):
         return []  # read at scrape time only
 
 
-def collector(app: Any) -> BatchCollector:
+def collector(app: Celery) -> BatchCollector:
     return BatchCollector(app)
 
 
-def overview_section(app: Any) -> tuple[str, list[dict[str, Any]]]:
+def overview_section(app: Celery) -> tuple[str, list[dict[str, Any]]]:
     """Unfinished batches for `celery -A tasks overview`."""
     rows = [
         {

@@ -23,6 +23,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from celery import Celery
 
+from core.amqp import passive_depths
+
 #: Prefix of the queues in which RabbitMQ holds countdown/ETA messages (native delayed delivery).
 DELAYED_PREFIX = "celery_delayed_"
 #: Seconds one management API request may take; a scrape must not hang on a slow broker.
@@ -127,23 +129,14 @@ def from_management_api(
 
 def from_passive_declare(app: Celery, names: list[str]) -> BrokerSnapshot:
     """One passive queue.declare per queue; a queue that does not exist is left out."""
-    queues: dict[str, QueueStats] = {}
     with app.connection_for_read() as connection:
         connection.ensure_connection(max_retries=1)
-        channel: Any = connection.channel()
-        try:
-            for name in names:
-                try:
-                    _, ready, consumers = channel.queue_declare(queue=name, passive=True)
-                except connection.channel_errors:
-                    # NOT_FOUND closes the channel: open another for the next queue.
-                    channel = connection.channel()
-                    continue
-                queues[name] = QueueStats(
-                    name=name, ready=int(ready), unacked=None, consumers=int(consumers)
-                )
-        finally:
-            channel.close()
+        found = passive_depths(connection, names)
+    queues = {
+        name: QueueStats(name=name, ready=depth.messages, unacked=None, consumers=depth.consumers)
+        for name, depth in found.items()
+        if depth is not None
+    }
     return BrokerSnapshot(source="passive_declare", queues=queues, delayed=None)
 
 

@@ -31,10 +31,11 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 import redis
+
+from core.redis import client as redis_client
 
 T = TypeVar("T")
 
@@ -67,10 +68,9 @@ class Outcome(Generic[T]):
     value: T
 
 
-@lru_cache(maxsize=8)
 def client_for(url: str) -> redis.Redis:
-    """One connection pool per URL and process (pool processes fork after import)."""
-    return redis.Redis.from_url(url, decode_responses=True)
+    """The idempotency store's client: core.redis's, one pool per process and URL."""
+    return redis_client(url)
 
 
 def run_once(

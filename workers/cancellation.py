@@ -16,7 +16,6 @@ worker's consumer on a Redis outage would stop every queue, not one job.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -24,16 +23,17 @@ import redis
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
+from core.redis import client as redis_client
+
 logger = logging.getLogger(__name__)
 
 #: Seconds a cancellation is kept by default: longer than any delay Conveyor expects.
 DEFAULT_KEEP_SECONDS = 30 * 86_400
 
 
-@functools.cache
-def _client(url: str) -> redis.Redis:
-    # Short timeouts: this runs on the consumer's thread, before any task of the message.
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+#: Seconds a Redis call may take here: it runs on the consumer's thread, before any task of
+#: the message, so it must not hold the worker up for long.
+_TIMEOUT = 2.0
 
 
 def cancellation_key(task_id: str) -> str:
@@ -45,12 +45,16 @@ def cancel(app: Celery, task_id: str, *, keep_seconds: int = DEFAULT_KEEP_SECOND
 
     keep_seconds must outlast the job's remaining delay.
     """
-    _client(app.conf.redbeat_redis_url).set(cancellation_key(task_id), "1", ex=keep_seconds)
+    redis_client(app.conf.redbeat_redis_url, timeout=_TIMEOUT).set(
+        cancellation_key(task_id), "1", ex=keep_seconds
+    )
     app.control.revoke(task_id)
 
 
 def is_cancelled(app: Celery, task_id: str) -> bool:
-    return bool(_client(app.conf.redbeat_redis_url).exists(cancellation_key(task_id)))
+    return bool(
+        redis_client(app.conf.redbeat_redis_url, timeout=_TIMEOUT).exists(cancellation_key(task_id))
+    )
 
 
 def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+from celery import Celery
 
 from tasks.batch import api
 from tasks.batch.store import BatchNotFound, Status
+
+#: Failed items `batch failures` prints when not told otherwise.
+FAILURES_PAGE = 50
 
 
 def _emit(as_json: bool, payload: Any, text: str) -> None:
@@ -48,7 +52,7 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-def _wait(app: Any, batch_id: str, show_progress: bool) -> Status:
+def _wait(app: Celery, batch_id: str, show_progress: bool) -> Status:
     """Wait for the end; progress goes to stderr: a live bar on a terminal, else a line a second."""
     if not show_progress:
         return api.wait(batch_id, app=app)
@@ -119,12 +123,14 @@ def submit(
     wait_: bool,
     as_json: bool,
 ) -> None:
-    """Submit every row of FILE (CSV or JSONL) to HANDLER.
+    """Submit every row of FILE (CSV or JSONL) to HANDLER; the batch id is shown as soon as
+    the batch exists, before its chunks are published.
 
     Exits 2 when the arguments are wrong (nothing submitted), 1 when publishing failed part-way
     (the batch is left in state publish_failed) or, with --wait, when the batch did not complete.
     """
     app = ctx.obj.app
+    announce = _announcer(as_json, wait_)
     try:
         batch_id = api.submit_file(
             handler,
@@ -134,21 +140,42 @@ def submit(
             options=_options(option_pairs),
             callback=callback,
             app=app,
+            on_created=announce,
         )
     except (LookupError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     except api.PublishFailed as exc:
-        # The batch exists, in state publish_failed: show it, then the reason on stderr.
-        failed = api.status(exc.batch_id, app=app)
-        _emit(as_json, failed.as_dict(), _describe(failed))
-        raise click.ClickException(str(exc)) from exc
+        _publish_failed(app, exc, as_json)
     if not wait_:
-        _emit(as_json, {"id": batch_id}, batch_id)
+        if as_json:
+            _emit(as_json, {"id": batch_id}, batch_id)
         return
     final = _wait(app, batch_id, show_progress=not as_json)
     _emit(as_json, final.as_dict(), _describe(final))
     if final.state != "completed":
         ctx.exit(1)
+
+
+def _publish_failed(app: Celery, exc: api.PublishFailed, as_json: bool) -> NoReturn:
+    """The batch exists, in state publish_failed: show it, then the reason on stderr."""
+    failed = api.status(exc.batch_id, app=app)
+    _emit(as_json, failed.as_dict(), _describe(failed))
+    raise click.ClickException(str(exc)) from exc
+
+
+def _announcer(as_json: bool, wait_: bool) -> api.OnCreated:
+    """Shows the batch id as soon as the batch exists, before its chunks are published (a
+    large file takes a while): the plain id on stdout when that is all `submit` prints, else
+    a line on stderr, so that stdout stays one document."""
+
+    def announce(batch_id: str) -> None:
+        if as_json or wait_:
+            click.echo(f"batch {batch_id}: publishing...", err=True)
+        else:
+            click.echo(batch_id)
+        sys.stdout.flush()
+
+    return announce
 
 
 @batch.command()
@@ -159,16 +186,40 @@ def status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
     _emit(as_json, current.as_dict(), _describe(current))
 
 
+def _failure_line(failure: dict[str, Any]) -> str:
+    line = f" (line {failure['line']})" if failure.get("line") else ""
+    invalid = " [input error]" if failure.get("input_error") else ""
+    return f"item {failure['index']}{line}: {failure['error']}{invalid}"
+
+
 @batch.command()
 @_batch_id_command
-def failures(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """List the failed items with their index, input line and reason."""
-    found = _lookup(lambda: api.failures(batch_id, app=ctx.obj.app))
-    text = "\n".join(
-        f"item {f['index']}" + (f" (line {f['line']})" if f.get("line") else "") + f": {f['error']}"
-        for f in found
-    )
-    _emit(as_json, found, text or "no failed items")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=FAILURES_PAGE,
+    show_default=True,
+    help="Failed items to show (0: all).",
+)
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Failed items to skip.")
+def failures(ctx: click.Context, batch_id: str, as_json: bool, limit: int, offset: int) -> None:
+    """List the failed items, by item index, with their input line and reason, a page at a
+    time (--limit, --offset), and how many there are in all (with --json: on stderr)."""
+    app = ctx.obj.app
+    total = _lookup(lambda: api.failure_count(batch_id, app=app))
+    found = api.failures(batch_id, app=app, limit=limit or None, offset=offset)
+    lines = [*map(_failure_line, found), _page_summary(total, offset, len(found))]
+    _emit(as_json, found, "\n".join(lines))
+    if as_json:  # stdout stays the list (one JSON document)
+        click.echo(lines[-1], err=True)
+
+
+def _page_summary(total: int, offset: int, shown: int) -> str:
+    if not total:
+        return "no failed items"
+    more = f"; --offset {offset + shown} for more" if offset + shown < total else ""
+    window = f"{offset + 1}-{offset + shown}" if shown else "none"
+    return f"failed items {window} of {total}{more}"
 
 
 @batch.command()
@@ -182,10 +233,19 @@ def cancel(ctx: click.Context, batch_id: str, as_json: bool) -> None:
 
 @batch.command()
 @_batch_id_command
-def retry(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Re-run the failed items as the batch's next attempt."""
+@click.option(
+    "--include-input-errors",
+    is_flag=True,
+    help="Also re-run items the handler refused as invalid (never rows that could not be read).",
+)
+def retry(ctx: click.Context, batch_id: str, as_json: bool, include_input_errors: bool) -> None:
+    """Re-run the failed items that can succeed as the batch's next attempt. Input errors
+    (unreadable rows, items the handler found invalid) stay failed unless
+    --include-input-errors."""
     try:
-        count = _lookup(lambda: api.retry(batch_id, app=ctx.obj.app))
+        count = _lookup(
+            lambda: api.retry(batch_id, app=ctx.obj.app, include_input_errors=include_input_errors)
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     _emit(as_json, {"id": batch_id, "retried": count}, f"{count} item(s) queued again")

@@ -8,22 +8,29 @@ folds every chunk's partial with ``reduce`` (the reduce step). Partials and resu
 ``key`` is the item's idempotency key, ``<batch id>:<item index>``: stable across redelivery
 and retries, so side effects keyed on it happen once.
 
-``process`` raises ``ItemError`` for input it can never accept (the item fails at once) and
-``TransientItemError`` (or another type in ``transient``) for failures worth retrying; those
-are retried with backoff inside the chunk before the item counts as failed.
+``process`` raises ``ItemError`` for an item that fails without retrying inside the chunk
+(``batch retry`` re-runs it), ``InvalidItemError`` when the item itself is invalid (a missing or
+malformed field: it would fail the same way again, so ``batch retry`` leaves it failed unless
+asked), and ``TransientItemError`` (or another type in ``transient``) for failures worth
+retrying; those are retried with backoff inside the chunk before the item counts as failed.
+
+Before anything is published, the producer calls ``check_input(options, fields)`` with the
+input's field names when it knows them up front (a CSV's header): a handler refuses options
+that do not fit the input there (ValueError), and fills in defaults that depend on it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "Handler",
+    "InvalidItemError",
     "ItemError",
     "TransientItemError",
     "get",
@@ -34,6 +41,11 @@ __all__ = [
 
 class ItemError(Exception):
     """The item can never succeed (malformed or invalid input): fail it without retrying."""
+
+
+class InvalidItemError(ItemError):
+    """The item itself is invalid (a field missing or malformed): it fails the same way every
+    time, so a retry of the batch leaves it failed unless asked to include input errors."""
 
 
 class TransientItemError(Exception):
@@ -52,6 +64,15 @@ class Handler:
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
+
+    @classmethod
+    def check_input(
+        cls, options: Mapping[str, Any], fields: Sequence[str] | None
+    ) -> dict[str, Any]:
+        """The options to run the batch with, given the field names of the input's records
+        (None when the input does not say them up front). Runs in the producer before
+        anything is published: raise ValueError for an option that does not fit the input."""
+        return dict(options)
 
     def process(self, item: Any, key: str) -> Any:
         raise NotImplementedError
@@ -103,14 +124,32 @@ class Noop(Handler):
 
 def _number(text: Any, field: str) -> Decimal:
     if text is None or text == "":
-        raise ItemError(f"missing value in field {field!r}")
+        raise InvalidItemError(f"missing value in field {field!r}")
     try:
         value = Decimal(str(text).strip())
     except InvalidOperation:
-        raise ItemError(f"field {field!r} is not a number: {text!r}") from None
+        raise InvalidItemError(f"field {field!r} is not a number: {text!r}") from None
     if not value.is_finite():
-        raise ItemError(f"field {field!r} is not a finite number: {text!r}")
+        raise InvalidItemError(f"field {field!r} is not a finite number: {text!r}")
     return value
+
+
+def _field_option(options: dict[str, Any], option: str, default: str, fields: Sequence[str]) -> str:
+    """The column `option` names (or `default`), refused when the input has no such column."""
+    name = options.get(option)
+    columns = ", ".join(fields) or "none"
+    if not name and default in fields:
+        return str(default)
+    if not name:
+        raise ValueError(
+            f"the input has no column {default!r} (the default of option {option}): set "
+            f"{option} to one of its columns: {columns}"
+        )
+    if name not in fields:
+        raise ValueError(
+            f"unknown field {name!r} (option {option}); the input's columns are: {columns}"
+        )
+    return str(name)
 
 
 def _merge_stats(into: dict[str, list[Any]], key: str, stats: list[Any]) -> None:
@@ -129,10 +168,27 @@ def _merge_stats(into: dict[str, list[Any]], key: str, stats: list[Any]) -> None
 class Aggregate(Handler):
     """Per-key count, sum, min, max and mean of a numeric field, exactly (decimal arithmetic).
 
-    Options: ``key_field`` (default ``key``) and ``value_field`` (default ``value``). Items are
-    mappings, as CSV rows and JSONL objects are. Numbers travel as decimal strings, so the
-    result does not depend on how the items were chunked or in which order chunks finished.
+    Options: ``key_field`` and ``value_field``. By default they are ``key`` and ``value``;
+    for a CSV without those columns but with exactly two, the first column is the key and
+    the second the value (``region,amount`` needs no option). Items are mappings, as CSV rows
+    and JSONL objects are. Numbers travel as decimal strings, so the result does not depend
+    on how the items were chunked or in which order chunks finished.
     """
+
+    @classmethod
+    def check_input(
+        cls, options: Mapping[str, Any], fields: Sequence[str] | None
+    ) -> dict[str, Any]:
+        chosen = dict(options)
+        if fields is None:
+            return chosen  # JSONL or an iterable: each item is checked as it comes
+        pair = len(fields) == 2
+        default_key = "key" if "key" in fields or not pair else fields[0]
+        key = chosen["key_field"] = _field_option(chosen, "key_field", default_key, fields)
+        others = [name for name in fields if name != key]
+        default_value = "value" if "value" in fields or not pair else others[0]
+        chosen["value_field"] = _field_option(chosen, "value_field", default_value, fields)
+        return chosen
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
@@ -141,10 +197,10 @@ class Aggregate(Handler):
 
     def process(self, item: Any, key: str) -> tuple[str, Decimal]:
         if not isinstance(item, Mapping):
-            raise ItemError(f"expected a record (mapping), got {type(item).__name__}")
+            raise InvalidItemError(f"expected a record (mapping), got {type(item).__name__}")
         group = item.get(self.key_field)
         if group is None or group == "":
-            raise ItemError(f"missing value in field {self.key_field!r}")
+            raise InvalidItemError(f"missing value in field {self.key_field!r}")
         return str(group), _number(item.get(self.value_field), self.value_field)
 
     def combine(self, values: list[tuple[str, Decimal]]) -> dict[str, list[Any]]:
@@ -174,7 +230,8 @@ class Aggregate(Handler):
 class WriteFiles(Handler):
     """Writes each item as JSON to ``<directory>/<batch id>-<index>.json``, exactly once.
 
-    Option ``directory`` (required). The file name is the idempotency key, and the file appears
+    Option ``directory`` (required; the worker creates it, the producer only checks that it
+    is given). The file name is the idempotency key, and the file appears
     by an atomic rename of a complete, fsynced temporary file, so a redelivered chunk finds the
     file and writes nothing, and no reader ever sees a half-written one. Result:
     ``{"written": n, "existing": m}`` (existing counts items a previous delivery wrote).
@@ -185,9 +242,12 @@ class WriteFiles(Handler):
         if not self.options.get("directory"):
             raise ValueError("write_files needs the option directory=<path>")
         self.directory = Path(str(self.options["directory"]))
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._made = False
 
     def process(self, item: Any, key: str) -> bool:
+        if not self._made:  # here, not in __init__: the producer validates with __init__ too
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._made = True
         name = f"{key.replace(':', '-')}.json"
         path = self.directory / name
         if path.exists():

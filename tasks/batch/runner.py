@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -53,6 +53,12 @@ def _retrying(
 SOFT_LIMIT_REASON = "the chunk reached its soft time limit"
 
 
+def _fail(failed: dict[int, str], invalid: set[int] | None, offset: int, exc: Exception) -> None:
+    failed[offset] = describe(exc)
+    if invalid is not None and isinstance(exc, handlers.InvalidItemError):
+        invalid.add(offset)
+
+
 def process_items(
     handler: handlers.Handler,
     batch_id: str,
@@ -60,13 +66,15 @@ def process_items(
     *,
     item_attempts: int = 3,
     backoff: float = 0.1,
+    invalid: set[int] | None = None,
 ) -> tuple[list[Any], dict[int, str]]:
     """Run the handler over (offset, index, item) entries, item key ``<batch id>:<index>``.
 
     Returns the values of the items that succeeded and ``{offset: reason}`` for those that
     failed. This loop is every batch's hot path, and the benchmark's ceiling runs it too:
     per item there is only the key, the call and the append. An exception leaves the inner
-    loop; the shared iterator then resumes after the item that raised.
+    loop; the shared iterator then resumes after the item that raised. The offsets of items
+    the handler refused as invalid (InvalidItemError) are added to `invalid`, if given.
     """
     values: list[Any] = []
     failed: dict[int, str] = {}
@@ -91,9 +99,88 @@ def process_items(
             try:
                 append(_retrying(handler, item, key, item_attempts, backoff, exc))
             except Exception as last:
-                failed[offset] = describe(last)
+                _fail(failed, invalid, offset, last)
         except Exception as exc:
-            failed[offset] = describe(exc)
+            _fail(failed, invalid, offset, exc)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A chunk message as the worker reads it; see run_chunk."""
+
+    items: Sequence[Any]
+    indices: Sequence[int]
+    lines: Sequence[int | None] | None
+    unreadable: dict[int, str]  # offset -> why the producer could not read the item
+
+    @classmethod
+    def read(cls, start: int, items: Sequence[Any], extras: Mapping[str, Any]) -> _Chunk:
+        errors = extras.get("errors") or {}
+        return cls(
+            items=items,
+            indices=extras.get("indices") or range(start, start + len(items)),
+            lines=extras.get("lines"),
+            unreadable={int(offset): error for offset, error in errors.items()},
+        )
+
+    def entries(self) -> Iterable[tuple[int, int, Any]]:
+        """(offset, index, item) of the items to run: unreadable rows fail as they are."""
+        entries = zip(range(len(self.items)), self.indices, self.items, strict=False)
+        if not self.unreadable:
+            return entries
+        return (entry for entry in entries if entry[0] not in self.unreadable)
+
+    def failure(self, offset: int, error: str, attempt: int, kind: str) -> dict[str, Any]:
+        """The record of a failed item, as `batch failures` shows it and a retry reads it.
+
+        ``kind``: ``unreadable`` (the producer could not read the row), ``invalid`` (the
+        handler refused the item itself, InvalidItemError) or ``error`` (anything else);
+        ``input_error`` is true for the first two, which a retry leaves failed."""
+        return {
+            "index": self.indices[offset],
+            "line": self.lines[offset] if self.lines is not None else None,
+            "error": error,
+            "item": self.items[offset],
+            "attempt": attempt,
+            "kind": kind,
+            "input_error": kind != "error",
+        }
+
+
+@dataclass
+class _Run:
+    """What running a chunk's items produced."""
+
+    handler: handlers.Handler | None = None
+    values: list[Any] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    invalid: set[int] = field(default_factory=set)
+
+    def partial(self) -> Any:
+        return self.handler.combine(self.values) if self.handler and self.values else None
+
+    def kind(self, offset: int, chunk: _Chunk) -> str:
+        if offset in chunk.unreadable:
+            return "unreadable"
+        return "invalid" if offset in self.invalid else "error"
+
+
+def _run_items(
+    name: str, options: dict[str, Any], batch_id: str, chunk: _Chunk, **retrying: Any
+) -> _Run:
+    """Run the handler over the chunk's readable items (`retrying`: process_items' tries)."""
+    run = _Run()
+    try:
+        run.handler = handlers.get(name)(options)
+    except Exception as exc:
+        # Every item fails with the reason; `batch retry` re-runs them once it is fixed.
+        reason = f"handler {name!r} unavailable: {describe(exc)}"
+        run.failed = {offset: reason for offset, _index, _item in chunk.entries()}
+        return run
+    run.values, run.failed = process_items(
+        run.handler, batch_id, chunk.entries(), invalid=run.invalid, **retrying
+    )
+    return run
 
 
 def run_chunk(
@@ -115,57 +202,27 @@ def run_chunk(
     ``extras["errors"][str(i)]``. Nothing is counted until the end, in one atomic step, so a
     chunk interrupted half-way counts nothing and its redelivery counts everything once.
     """
-    extras = extras or {}
-    field = f"{attempt}:{chunk_no}"
+    done = f"{attempt}:{chunk_no}"
     cancelled, name, options = store.begin_chunk(batch_id)
     if cancelled:
         counted, ready = store.record_chunk(
-            batch_id, field, succeeded=0, failed=0, skipped=len(items)
+            batch_id, done, succeeded=0, failed=0, skipped=len(items)
         )
         return ChunkOutcome(0, 0, len(items), counted, ready)
 
-    indices: Sequence[int] = extras.get("indices") or range(start, start + len(items))
-    lines: Sequence[int | None] | None = extras.get("lines")
-    # Rows the producer could not read fail as they are, without reaching the handler.
-    unreadable = {int(offset): error for offset, error in (extras.get("errors") or {}).items()}
-    entries: Iterable[tuple[int, int, Any]] = zip(range(len(items)), indices, items, strict=False)
-    if unreadable:
-        entries = (entry for entry in entries if entry[0] not in unreadable)
-
-    handler: handlers.Handler | None = None
-    values: list[Any] = []
-    try:
-        handler = handlers.get(name)(options)
-    except Exception as exc:
-        # Every item fails with the reason; `batch retry` re-runs them once it is fixed.
-        reason = f"handler {name!r} unavailable: {describe(exc)}"
-        failed = {offset: reason for offset, _index, _item in entries}
-    else:
-        values, failed = process_items(
-            handler, batch_id, entries, item_attempts=item_attempts, backoff=backoff
-        )
-
+    chunk = _Chunk.read(start, items, extras or {})
+    run = _run_items(name, options, batch_id, chunk, item_attempts=item_attempts, backoff=backoff)
     failures = {
-        indices[offset]: {
-            "index": indices[offset],
-            "line": lines[offset] if lines is not None else None,
-            "error": error,
-            "item": items[offset],
-            "attempt": attempt,
-            "input_error": offset in unreadable,
-        }
-        for offset, error in (unreadable | failed).items()
+        chunk.indices[offset]: chunk.failure(offset, error, attempt, run.kind(offset, chunk))
+        for offset, error in (chunk.unreadable | run.failed).items()
     }
-    partial = None
-    if handler is not None and values:
-        partial = handler.combine(values)
     succeeded = len(items) - len(failures)
     counted, ready = store.record_chunk(
         batch_id,
-        field,
+        done,
         succeeded=succeeded,
         failed=len(failures),
-        partial=partial,
+        partial=run.partial(),
         failures=failures,
     )
     return ChunkOutcome(succeeded, len(failures), 0, counted, ready)
@@ -198,29 +255,48 @@ def run_finalize(
     """
     meta = store.meta(batch_id)
     if meta.get("finalized") != str(attempt):
-        try:
-            handler = handlers.get(meta["handler"])(json.loads(meta["options"]))
-            result = handler.reduce(store.iter_partials(batch_id))
-            failed = int(meta["failed"])
-        except Exception as exc:
-            result, failed = {"reduce_error": describe(exc)}, 1
-        state = "completed" if failed == 0 else "completed_with_failures"
-        store.finalize(batch_id, attempt, state, result)
+        _reduce_once(store, batch_id, attempt, meta)
         meta = store.meta(batch_id)
     if meta.get("finalized") != str(attempt):
         return meta.get("state", "running")  # cancelled, or not complete (nothing to do)
     callback = meta.get("callback")
     if callback:
-        token = uuid.uuid4().hex
-        claim, wait = store.claim_callback(batch_id, attempt, token, lease)
-        if claim == "held":
-            raise CallbackInProgress(wait)
-        if claim == "claimed":
-            try:
-                send_callback(callback, f"{batch_id}.callback.{attempt}")
-            except BaseException:
-                store.settle_callback(batch_id, attempt, token, sent=False)
-                raise
-            store.settle_callback(batch_id, attempt, token, sent=True)
+        _send_once(
+            store,
+            batch_id,
+            attempt,
+            lambda: send_callback(callback, f"{batch_id}.callback.{attempt}"),
+            lease,
+        )
     # A late finalize of an earlier attempt may find a retry running: no state yet.
     return meta.get("state", "running")
+
+
+def _reduce_once(store: BatchStore, batch_id: str, attempt: int, meta: Mapping[str, str]) -> None:
+    """Reduce the partials and store the result and final state, unless another run has."""
+    try:
+        handler = handlers.get(meta["handler"])(json.loads(meta["options"]))
+        result = handler.reduce(store.iter_partials(batch_id))
+        failed = int(meta["failed"])
+    except Exception as exc:
+        result, failed = {"reduce_error": describe(exc)}, 1
+    state = "completed" if failed == 0 else "completed_with_failures"
+    store.finalize(batch_id, attempt, state, result)
+
+
+def _send_once(
+    store: BatchStore, batch_id: str, attempt: int, send: Callable[[], None], lease: float
+) -> None:
+    """Send the attempt's callback under a claim, unless it was sent or another run holds it."""
+    token = uuid.uuid4().hex
+    claim, wait = store.claim_callback(batch_id, attempt, token, lease)
+    if claim == "held":
+        raise CallbackInProgress(wait)
+    if claim != "claimed":
+        return  # sent already
+    try:
+        send()
+    except BaseException:
+        store.settle_callback(batch_id, attempt, token, sent=False)
+        raise
+    store.settle_callback(batch_id, attempt, token, sent=True)

@@ -8,6 +8,7 @@ after the batch's last change, refreshed by each write):
 ``conveyor:batch:<id>:done``              hash ``<attempt>:<chunk>`` -> 1: chunks already counted
 ``conveyor:batch:<id>:partials``          hash ``<attempt>:<chunk>`` -> JSON: per-chunk map results
 ``conveyor:batch:<id>:failures``          hash ``<index>`` -> JSON: failed items of this attempt
+                                          (and the input errors a retry left failed)
 ``conveyor:batch:<id>:retrying:<n>``      hash, like failures: the items attempt n re-runs
 ``conveyor:batch:<id>:result``            string, JSON: the reduced result once completed
 ``conveyor:batches``                      sorted set, the index: every kept batch's id, score =
@@ -26,15 +27,17 @@ of two finalize runs at the same time only one sends it.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from importlib import resources
 from typing import Any, cast
 
 import redis
+from celery import Celery
+
+from core.clock import iso
+from core.redis import client as redis_client
 
 PREFIX = "conveyor:batch:"
 #: The batch index: ids by creation time (not under PREFIX: it is no batch's part).
@@ -48,150 +51,31 @@ PUBLISH_FAILED = "publish_failed"
 #: Final states: only a retry (of completed_with_failures) leaves one.
 FINAL_STATES = frozenset({"completed", "completed_with_failures", "cancelled", PUBLISH_FAILED})
 
-# Shared by the scripts below: ready to finalize = the attempt is fully published, every item
-# of it has an outcome, it is not finalized yet and nobody cancelled the batch.
-_READY = """
-local function ready(meta)
-  local m = redis.call('HMGET', meta, 'attempt', 'published', 'processed', 'total',
-                       'finalized', 'cancelled')
-  if m[6] then return 0 end
-  if m[2] ~= m[1] or m[5] == m[1] then return 0 end
-  if tonumber(m[3] or '0') < tonumber(m[4] or '0') then return 0 end
-  return 1
-end
-local function touch(ttl, ...)
-  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
-end
-"""
+#: Lua scripts, one file each under lua/ (package data), read once at import.
+_SCRIPTS = resources.files("tasks.batch") / "lua"
+#: The scripts that use ready() and touch(): lua/ready.lua is prepended to them.
+_USE_READY = frozenset({"record_chunk", "mark_published", "finalize"})
 
-#: KEYS meta done partials failures; ARGV field succeeded failed skipped partial ttl
-#: then index/json pairs of failures. Returns {counted (0/1), ready (0/1)}.
-_RECORD_CHUNK = (
-    _READY
-    + """
-if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then
-  return {0, ready(KEYS[1])}
-end
-local succeeded, failed, skipped = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'succeeded', succeeded)
-redis.call('HINCRBY', KEYS[1], 'failed', failed)
-redis.call('HINCRBY', KEYS[1], 'skipped', skipped)
-redis.call('HINCRBY', KEYS[1], 'processed', succeeded + failed)
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
-touch(tonumber(ARGV[6]), KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return {1, ready(KEYS[1])}
-"""
-)
 
-#: KEYS meta; ARGV attempt total chunks ttl. Returns ready (0/1).
-_MARK_PUBLISHED = (
-    _READY
-    + """
-if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'published', ARGV[1], 'total', ARGV[2], 'chunks', ARGV[3])
-touch(tonumber(ARGV[4]), KEYS[1])
-return ready(KEYS[1])
-"""
-)
+def _script(name: str) -> str:
+    text = (_SCRIPTS / f"{name}.lua").read_text(encoding="utf-8")
+    return _script("ready") + text if name in _USE_READY else text
 
-#: KEYS meta result; ARGV attempt state result now ttl. Returns 1 if this call finalized.
-_FINALIZE = (
-    _READY
-    + """
-if ready(KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'finalized', ARGV[1], 'state', ARGV[2], 'finished_at', ARGV[4])
-redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[5]))
-touch(tonumber(ARGV[5]), KEYS[1])
-return 1
-"""
-)
 
-#: KEYS meta; ARGV now. Returns {cancelled, handler, options}; notes the batch's start.
-_BEGIN_CHUNK = """
-local m = redis.call('HMGET', KEYS[1], 'cancelled', 'handler', 'options')
-if not m[1] and m[2] then redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1]) end
-return {m[1] and 1 or 0, m[2] or '', m[3] or '{}'}
-"""
-
-#: KEYS meta; ARGV now ttl. Returns 1 if this call cancelled the batch.
-_CANCEL = """
-local m = redis.call('HMGET', KEYS[1], 'state', 'handler')
-if not m[2] then return -1 end
-if m[1] then return 0 end
-redis.call('HSET', KEYS[1], 'cancelled', '1', 'state', 'cancelled', 'finished_at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-
-#: KEYS meta; ARGV attempt reason now ttl total ('' for a retry attempt: the total is known).
-#: Ends an attempt whose publishing raised: returns 1 if it set publish_failed, 0 if the batch
-#: had already finished (cancelled) or moved on to another attempt, -1 if it is unknown.
-_FAIL_PUBLISH = """
-local m = redis.call('HMGET', KEYS[1], 'attempt', 'state', 'handler')
-if not m[3] then return -1 end
-if m[1] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'error', ARGV[2])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'total', ARGV[5]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-if m[2] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'publish_failed', 'cancelled', '1', 'finished_at', ARGV[3])
-return 1
-"""
-
-#: KEYS meta; ARGV field token lease_ms ttl. Claims the sending of an attempt's callback, the
-#: field holding ``claimed:<token>:<lease end, ms>`` and then ``sent``. Returns {1, 0} when
-#: claimed (also a claim whose lease ended: its holder died before sending), {0, ms left} while
-#: another run's lease lasts, {2, 0} once sent. Redis's clock, not the workers', times leases.
-_CLAIM_CALLBACK = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local held = redis.call('HGET', KEYS[1], ARGV[1])
-if held then
-  local lease_end = string.match(held, '^claimed:[^:]*:(%d+)$')
-  if not lease_end then return {2, 0} end
-  if tonumber(lease_end) > now_ms then return {0, tonumber(lease_end) - now_ms} end
-end
-local lease_end = string.format('%.0f', now_ms + tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], ARGV[1], 'claimed:' .. ARGV[2] .. ':' .. lease_end)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return {1, 0}
-"""
-
-#: KEYS meta; ARGV field token outcome ttl. If this run still holds the claim: outcome 'sent'
-#: marks the callback sent, '' releases the claim (the send raised). Returns 1 if it held it.
-_SETTLE_CALLBACK = """
-local held = redis.call('HGET', KEYS[1], ARGV[1])
-local mine = 'claimed:' .. ARGV[2] .. ':'
-if not held or string.sub(held, 1, #mine) ~= mine then return 0 end
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return 1
-"""
-
-#: KEYS meta failures; ARGV ttl. Starts the next attempt with the failed items: returns
-#: {attempt, retrying key suffix} or {0, reason}.
-_BEGIN_RETRY = """
-local m = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'failed', 'handler')
-if not m[4] then return {0, 'unknown batch'} end
-if m[1] ~= 'completed_with_failures' then
-  return {0, 'only a batch in state completed_with_failures can be retried (state: '
-             .. tostring(m[1] or 'running') .. ')'}
-end
-local attempt = tonumber(m[2]) + 1
-local retrying = KEYS[1] .. ':retrying:' .. attempt
-redis.call('RENAME', KEYS[2], retrying)
-redis.call('HINCRBY', KEYS[1], 'processed', -tonumber(m[3]))
-redis.call('HSET', KEYS[1], 'failed', '0', 'attempt', attempt)
-redis.call('HDEL', KEYS[1], 'state', 'finished_at')
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-redis.call('EXPIRE', retrying, tonumber(ARGV[1]))
-return {attempt, retrying}
-"""
+SCRIPTS = {
+    name: _script(name)
+    for name in (
+        "record_chunk",
+        "mark_published",
+        "finalize",
+        "begin_chunk",
+        "cancel",
+        "fail_publish",
+        "claim_callback",
+        "settle_callback",
+        "begin_retry",
+    )
+}
 
 
 class BatchNotFound(LookupError):
@@ -226,41 +110,22 @@ class Status:
         return asdict(self)
 
 
-def _iso(value: str | None) -> str | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(float(value), UTC).isoformat(timespec="milliseconds")
-
-
-_clients: dict[tuple[int, str], redis.Redis] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(url: str) -> redis.Redis:
-    """One connection pool per process and URL (pools must not cross a fork)."""
-    key = (os.getpid(), url)
-    with _clients_lock:
-        found = _clients.get(key)
-        if found is None:
-            found = _clients[key] = redis.Redis.from_url(url, decode_responses=True)
-        return found
-
-
 class BatchStore:
     """Reads and writes one Redis database's batches; every write refreshes the expiry."""
 
     def __init__(self, client: redis.Redis, *, expires: int) -> None:
         self.redis = client
         self.expires = int(expires)
-        self._record_chunk = client.register_script(_RECORD_CHUNK)
-        self._mark_published = client.register_script(_MARK_PUBLISHED)
-        self._finalize = client.register_script(_FINALIZE)
-        self._begin_chunk = client.register_script(_BEGIN_CHUNK)
-        self._cancel = client.register_script(_CANCEL)
-        self._begin_retry = client.register_script(_BEGIN_RETRY)
-        self._fail_publish = client.register_script(_FAIL_PUBLISH)
-        self._claim_callback = client.register_script(_CLAIM_CALLBACK)
-        self._settle_callback = client.register_script(_SETTLE_CALLBACK)
+        script = {name: client.register_script(text) for name, text in SCRIPTS.items()}
+        self._record_chunk = script["record_chunk"]
+        self._mark_published = script["mark_published"]
+        self._finalize = script["finalize"]
+        self._begin_chunk = script["begin_chunk"]
+        self._cancel = script["cancel"]
+        self._begin_retry = script["begin_retry"]
+        self._fail_publish = script["fail_publish"]
+        self._claim_callback = script["claim_callback"]
+        self._settle_callback = script["settle_callback"]
 
     @staticmethod
     def key(batch_id: str, part: str = "") -> str:
@@ -333,18 +198,43 @@ class BatchStore:
             raise BatchNotFound(batch_id)
         return done == 1
 
-    def begin_retry(self, batch_id: str) -> tuple[int, str]:
-        """Open the next attempt; returns (attempt, key of the items to re-run)."""
-        if not self.redis.exists(self.key(batch_id)):
+    def begin_retry(self, batch_id: str, *, include_input_errors: bool = False) -> tuple[int, str]:
+        """Open the next attempt; returns (attempt, key of the items to re-run). Input errors
+        stay failed (`stays_failed`); ValueError if nothing is left to re-run."""
+        key = self.key(batch_id)
+        state = self.redis.hget(key, "state")
+        if state is None and not self.redis.exists(key):
             raise BatchNotFound(batch_id)
-        keys = [self.key(batch_id), self.key(batch_id, "failures")]
+        keys = [key, self.key(batch_id, "failures")]
         if not self.redis.exists(keys[1]):
             # RENAME needs a source; no failures means nothing to retry.
             raise ValueError(f"batch {batch_id} has no failed items to retry")
-        attempt, detail = self._begin_retry(keys=keys, args=[self.expires])
+        kept: list[str] = []
+        if state == "completed_with_failures":
+            kept = self._kept_failed(keys[1], include_input_errors)
+        attempt, detail = self._begin_retry(keys=keys, args=[self.expires, *kept])
         if int(attempt) == 0:
             raise ValueError(str(detail))
         return int(attempt), str(detail)
+
+    def _kept_failed(self, failures: str, include_input_errors: bool) -> list[str]:
+        """The indices of the failed items a retry leaves failed; ValueError if that is all."""
+        kept, total = [], 0
+        for index, raw in self.iter_hash(failures):
+            total += 1
+            if stays_failed(json.loads(raw), include_input_errors=include_input_errors):
+                kept.append(index)
+        if len(kept) == total:
+            hint = (
+                ""
+                if include_input_errors
+                else "; to re-run the invalid ones: --include-input-errors"
+            )
+            raise ValueError(
+                f"nothing to retry: all {total} failed item(s) are input errors, which fail "
+                f"the same way again{hint}"
+            )
+        return kept
 
     def iter_hash(self, key: str) -> Iterator[tuple[str, str]]:
         """Stream a hash in pages (HSCAN), never the whole of it at once."""
@@ -385,6 +275,11 @@ class BatchStore:
             args += [index, json.dumps(failure)]
         counted, ready = self._record_chunk(keys=keys, args=args)
         return bool(counted), bool(ready)
+
+    def iter_values(self, key: str) -> Iterator[Any]:
+        """The JSON values of a hash, a page at a time."""
+        for _field, value in self.iter_hash(key):
+            yield json.loads(value)
 
     def iter_partials(self, batch_id: str) -> Iterator[Any]:
         for _field, value in self.iter_hash(self.key(batch_id, "partials")):
@@ -520,6 +415,15 @@ class BatchStore:
         return page
 
 
+def stays_failed(failure: Mapping[str, Any], *, include_input_errors: bool = False) -> bool:
+    """Whether a retry leaves a failed item failed: a row the producer could not read always
+    (it is read the same way again), an item the handler refused as invalid unless
+    `include_input_errors`. Records written before ``kind`` existed mark unreadable rows
+    with ``input_error``."""
+    kind = failure.get("kind") or ("unreadable" if failure.get("input_error") else "error")
+    return kind == "unreadable" or (kind == "invalid" and not include_input_errors)
+
+
 def _state(meta: Mapping[str, str]) -> str:
     if "state" in meta:
         return meta["state"]
@@ -543,9 +447,9 @@ def _status(batch_id: str, meta: Mapping[str, str], raw_result: str | None) -> S
         pending=max(0, number["total"] - done - number["skipped"]),
         chunk_size=int(meta["chunk_size"]),
         chunks=int(meta["chunks"]) if "chunks" in meta else None,
-        created_at=_iso(meta.get("created_at")),
-        started_at=_iso(started),
-        finished_at=_iso(finished),
+        created_at=iso(meta.get("created_at")),
+        started_at=iso(started),
+        finished_at=iso(finished),
         elapsed_seconds=None if elapsed is None else round(elapsed, 3),
         items_per_second=round(done / elapsed, 1) if elapsed else None,
         result=json.loads(raw_result) if raw_result else None,
@@ -554,8 +458,10 @@ def _status(batch_id: str, meta: Mapping[str, str], raw_result: str | None) -> S
     )
 
 
-def store_for(app: Any) -> BatchStore:
+def store_for(app: Celery) -> BatchStore:
     """The store of an app's configuration (conveyor_batch_redis_url, else the result backend)."""
     conf = app.conf
     url = conf.get("conveyor_batch_redis_url") or conf.result_backend
-    return BatchStore(client_for(str(url)), expires=int(conf.get("conveyor_batch_expires", 604800)))
+    return BatchStore(
+        redis_client(str(url)), expires=int(conf.get("conveyor_batch_expires", 604800))
+    )

@@ -1,13 +1,17 @@
-"""The batch tasks: thin wrappers around tasks.batch.runner, on the `batch` queue by name."""
+"""The batch tasks: thin wrappers around tasks.batch.runner and tasks.batch.publishing, on the
+`batch` queue by name. Nothing below this module imports it; the API hands `TASKS` down."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from celery import Task
 from celery.utils.log import get_task_logger
 
-from tasks.batch import api, codec, runner
+from tasks.batch import codec, runner
+from tasks.batch.chunking import file_chunks
+from tasks.batch.publishing import Attempt, BatchTasks, publish_attempt
 from tasks.batch.store import store_for
 from tasks.celery_app import app
 
@@ -16,7 +20,7 @@ logger = get_task_logger(__name__)
 
 @app.task(name="batch.process_chunk", bind=True, ignore_result=True)
 def process_chunk(
-    self: Any,
+    self: Task[..., Any],
     batch_id: str,
     attempt: int,
     chunk_no: int,
@@ -49,7 +53,7 @@ def process_chunk(
 
 
 @app.task(name="batch.finalize", bind=True)
-def finalize(self: Any, batch_id: str, attempt: int) -> str:
+def finalize(self: Task[..., Any], batch_id: str, attempt: int) -> str:
     """Reduce the chunks' partials and send the callback, once per attempt; returns the state."""
 
     def send_callback(name: str, task_id: str) -> None:
@@ -68,18 +72,27 @@ def finalize(self: Any, batch_id: str, attempt: int) -> str:
     return state
 
 
+#: What the publishing stage sends.
+TASKS = BatchTasks(process_chunk, finalize)
+
+
 @app.task(name="batch.publish_file", bind=True)
-def publish_file(self: Any, batch_id: str, path: str, fmt: str) -> int:
-    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True)).
+def publish_file(self: Task[..., Any], batch_id: str, path: str, fmt: str) -> int:
+    """Read a batch's input file and publish its chunks (submit_file(publish_in_worker=True))
+    as attempt 1; returns how many items it had.
 
     An error this task retries (tasks.base.Task's autoretry_for) leaves the batch as it is; one
     it does not, or the last retry's, ends the batch in state publish_failed.
     """
 
     def final(exc: BaseException) -> bool:
-        retried = isinstance(exc, self.autoretry_for)
-        return not retried or self.request.retries >= self.max_retries
+        # Read as Celery reads it (tasks.base.Task sets it; the stubs of Task do not know it).
+        retried = isinstance(exc, getattr(self, "autoretry_for", ()))
+        return not retried or self.request.retries >= (self.max_retries or 0)
 
-    count = api.publish_file(batch_id, path, fmt, app=self.app, final=final)
+    store = store_for(self.app)
+    size = int(store.meta(batch_id)["chunk_size"])
+    attempt = Attempt(self.app, TASKS, store, batch_id)
+    count = publish_attempt(attempt, file_chunks(path, fmt, size), final=final)
     logger.info("batch %s: published %s items from %s", batch_id, count, path)
     return count

@@ -16,9 +16,10 @@ from celery import Celery, signals
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.redis import client as redis_client
 from tasks.schedule import store
 from tasks.schedule.entries import ENTRY_HEADER
-from tasks.schedule.overlap import _client, header
+from tasks.schedule.overlap import header
 
 #: Hash: entry name -> Unix time of its last successful run.
 LAST_SUCCESS_KEY = "conveyor:schedule:last_success"
@@ -27,7 +28,9 @@ LAST_SUCCESS_KEY = "conveyor:schedule:last_success"
 def _on_success(sender: Any = None, **_: Any) -> None:
     entry = header(sender.request, ENTRY_HEADER) if sender is not None else None
     if entry:
-        _client(sender.app.conf.redbeat_redis_url).hset(LAST_SUCCESS_KEY, str(entry), time.time())
+        redis_client(sender.app.conf.redbeat_redis_url).hset(
+            LAST_SUCCESS_KEY, str(entry), time.time()
+        )
 
 
 signals.task_success.connect(_on_success, weak=False)
@@ -51,7 +54,7 @@ class ScheduleCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         entries = store.list_entries(self.app)
-        last = _client(self.app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
+        last = redis_client(self.app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
         success = GaugeMetricFamily(
             "conveyor_schedule_last_success_timestamp_seconds",
             "Unix time of each schedule entry's last successful run.",
@@ -86,7 +89,7 @@ def collector(app: Celery) -> ScheduleCollector:
 
 def overview_section(app: Celery) -> tuple[str, list[dict[str, Any]]]:
     """Every entry with its state, last success and next run, for `celery -A tasks overview`."""
-    last = _client(app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
+    last = redis_client(app.conf.redbeat_redis_url).hgetall(LAST_SUCCESS_KEY)
     rows = [
         {
             "entry": view.name,

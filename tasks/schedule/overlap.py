@@ -13,14 +13,13 @@ all of this. Tasks not sent by beat or run-now carry no header and are unaffecte
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import redis
 from celery import signals
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
 
+from core.redis import client as redis_client
 from tasks.schedule.entries import ENTRY_HEADER, OVERLAP_HEADER
 
 logger = get_task_logger(__name__)
@@ -34,13 +33,6 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-
-
-@functools.cache
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
-    )
 
 
 def lock_key(entry: str) -> str:
@@ -69,7 +61,7 @@ def enter(task: Any, task_id: str) -> None:
     if entry is None:
         return
     limit = task.time_limit or task.app.conf.task_time_limit or 3600
-    client = _client(task.app.conf.redbeat_redis_url)
+    client = redis_client(task.app.conf.redbeat_redis_url)
     key = lock_key(entry)
     if client.set(key, task_id, nx=True, ex=int(limit) + LOCK_MARGIN):
         return
@@ -95,7 +87,7 @@ def _on_postrun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     entry = guarded_entry(task.request)
     if entry is None:
         return
-    client = _client(task.app.conf.redbeat_redis_url)
+    client = redis_client(task.app.conf.redbeat_redis_url)
     client.eval(_RELEASE, 1, lock_key(entry), task_id)
 
 

@@ -7,15 +7,17 @@ this needs no management plugin. The latest snapshot is ``conveyor:queue_health:
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.utils.log import get_task_logger
+
+from core.amqp import passive_depths
+from core.redis import client as redis_client
 
 logger = get_task_logger(__name__)
 
@@ -23,14 +25,9 @@ LATEST_KEY = "conveyor:queue_health:latest"
 HISTORY_KEY = "conveyor:queue_health:history"
 
 
-@functools.cache
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-
-
 def schedule_redis(app: Celery) -> redis.Redis:
     """The Redis that holds the schedule and the scheduled jobs' own records."""
-    return _client(app.conf.redbeat_redis_url)
+    return redis_client(app.conf.redbeat_redis_url)
 
 
 @dataclass(frozen=True)
@@ -44,23 +41,13 @@ def measure(app: Celery) -> list[QueueDepth]:
     """Depth and consumers of every task queue and of the dead-letter queue."""
     names = [queue.name for queue in app.conf.task_queues]
     names.append(app.conf.conveyor_dead_letter_queue)
-    depths = []
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
-        for name in names:
-            # A missing queue closes the channel (404), so each declare gets its own.
-            channel: Any = connection.channel()
-            try:
-                _, messages, consumers = channel.queue_declare(queue=name, passive=True)
-                depths.append(QueueDepth(name, int(messages), int(consumers)))
-            except connection.channel_errors:
-                depths.append(QueueDepth(name, None, None))
-            finally:
-                try:
-                    channel.close()
-                except connection.connection_errors + connection.channel_errors:
-                    pass
-    return depths
+        found = passive_depths(connection, names)
+    return [
+        QueueDepth(name, None, None) if depth is None else QueueDepth(name, *astuple(depth))
+        for name, depth in found.items()
+    ]
 
 
 def record(app: Celery, depths: list[QueueDepth], now: float | None = None) -> dict[str, Any]:

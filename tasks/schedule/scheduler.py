@@ -35,6 +35,7 @@ from redbeat.schedulers import (
 )
 from redis.exceptions import LockError
 
+from core.clock import iso
 from tasks.schedule.entries import ENTRIES, SLOT_HEADER
 
 logger = get_logger("celery.beat")
@@ -139,13 +140,9 @@ class ConveyorScheduler(RedBeatScheduler):  # type: ignore[misc]
         now = self.app.now()
         slot = now + entry.schedule.remaining_estimate(entry.last_run_at)
         options = dict(entry.options)
-        options["headers"] = {**options.get("headers", {}), SLOT_HEADER: _iso(slot)}
+        options["headers"] = {**options.get("headers", {}), SLOT_HEADER: iso(slot)}
         entry.options = options
         return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
 
 
 def entry_metadata(spec: Any, *, source: str) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from celery import Celery
 from redbeat.schedulers import RedBeatSchedulerEntry, ensure_conf, get_redis
 
+from core.clock import iso
 from tasks.schedule.entries import ENTRIES, EntrySpec, InvalidEntry
 from tasks.schedule.scheduler import CONVEYOR_FIELD, entry_metadata
 
@@ -190,10 +190,6 @@ def _metadata(app: Celery, name: str) -> dict[str, Any]:
     return dict(json.loads(raw)) if raw else {}
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="seconds") if moment is not None else None
-
-
 def get(app: Celery, name: str) -> EntryView:
     entry = _load(app, name)
     meta = _metadata(app, name)
@@ -213,8 +209,8 @@ def get(app: Celery, name: str) -> EntryView:
         allow_overlap=headers.get("conveyor_overlap") == "allow",
         reason=str(meta.get("reason", "")),
         source=str(meta.get("source", "unknown")),
-        last_run_at=_iso(entry.last_run_at),
-        next_run_at=_iso(next_run),
+        last_run_at=iso(entry.last_run_at, timespec="seconds"),
+        next_run_at=iso(next_run, timespec="seconds"),
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from tasks.batch import api
+from tasks.batch import chunking
+from tasks.batch.inputs import Entry
 
 
 def _counting(items: list[Any], taken: list[int]) -> Iterator[Any]:
@@ -16,7 +17,7 @@ def _counting(items: list[Any], taken: list[int]) -> Iterator[Any]:
 
 def test_plain_chunks_read_one_chunk_at_a_time() -> None:
     taken = [0]
-    chunks = api.plain_chunks(_counting(list(range(1_000)), taken), 100)
+    chunks = chunking.plain_chunks(_counting(list(range(1_000)), taken), 100)
 
     seen = []
     for start, items, extras in chunks:
@@ -29,8 +30,8 @@ def test_plain_chunks_read_one_chunk_at_a_time() -> None:
 
 def test_entry_chunks_read_one_chunk_at_a_time() -> None:
     taken = [0]
-    entries = [(n, api.Entry({"n": n}, n + 2)) for n in range(250)]
-    chunks = api.entry_chunks(_counting(entries, taken), 100, contiguous=True)
+    entries = [(n, Entry({"n": n}, n + 2)) for n in range(250)]
+    chunks = chunking.entry_chunks(_counting(entries, taken), 100, contiguous=True)
 
     seen = [(taken[0], start, len(items)) for start, items, _extras in chunks]
 

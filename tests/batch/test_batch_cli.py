@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pty
@@ -93,7 +94,12 @@ def test_failures_cancel_and_retry_answer_in_json(
     cancelled = celery_batch(broker_url, result_backend, "cancel", batch_id, "--json")
     assert json.loads(cancelled.stdout) == {"id": batch_id, "cancelled": False}
 
-    retried = celery_batch(broker_url, result_backend, "retry", batch_id, "--json")
+    # 'x' is not a number: an input error, which a retry re-runs only when asked to
+    refused = celery_batch(broker_url, result_backend, "retry", batch_id, "--json")
+    assert refused.returncode == 2 and "--include-input-errors" in refused.stderr
+    retried = celery_batch(
+        broker_url, result_backend, "retry", batch_id, "--json", "--include-input-errors"
+    )
     assert json.loads(retried.stdout) == {"id": batch_id, "retried": 1}
 
     unknown = celery_batch(broker_url, result_backend, "status", "no-such-batch", "--json")
@@ -199,3 +205,59 @@ def test_a_submit_whose_publishing_fails_exits_1_and_status_shows_why(
     assert "state: publish_failed" in status.stdout
     assert "error: after 2 chunk(s) (200 items) were published" in status.stdout
     assert "conveyor_max_argument_bytes" in status.stdout
+
+
+#: The README's batch example, as written there.
+README_EXAMPLE = (
+    "celery -A tasks batch submit aggregate examples/sales.csv --chunk-size 1000 --wait"
+)
+
+
+def test_the_readme_example_aggregates_the_shipped_sample_by_region(
+    batch_worker: WorkerProcess, broker_url: str, result_backend: str
+) -> None:
+    assert README_EXAMPLE in (ROOT / "README.md").read_text()
+    with (ROOT / "examples" / "sales.csv").open(newline="") as sample:
+        rows = [{"key": r["region"], "value": r["amount"]} for r in csv.DictReader(sample)]
+
+    done = celery_batch(broker_url, result_backend, *README_EXAMPLE.split()[4:], "--json")
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["state"], report["succeeded"], report["failed"]) == ("completed", 1000, 0)
+    assert report["result"] == expected_aggregate(rows)
+
+
+def test_an_option_naming_a_missing_column_exits_2_before_anything_is_published(
+    batch_worker: WorkerProcess, broker_url: str, result_backend: str
+) -> None:
+    before = api.count_batches()
+
+    typo = celery_batch(
+        broker_url, result_backend, "submit", "aggregate", "examples/sales.csv",
+        "-o", "key_field=regoin",
+    )  # fmt: skip
+
+    assert typo.returncode == 2, typo.stderr
+    assert "unknown field 'regoin' (option key_field)" in typo.stderr
+    assert "columns are: region, amount" in typo.stderr
+    assert api.count_batches() == before
+
+
+def test_failures_are_shown_a_page_at_a_time_with_the_total(
+    batch_worker: WorkerProcess, tmp_path: Path, broker_url: str, result_backend: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("key,value\n" + "a,x\n" * 120)
+    submitted = celery_batch(broker_url, result_backend, "submit", "aggregate", str(path), "--wait")
+    batch_id = submitted.stdout.split()[1]
+
+    first = celery_batch(broker_url, result_backend, "failures", batch_id).stdout.splitlines()
+    last = celery_batch(
+        broker_url, result_backend, "failures", batch_id, "--limit", "10", "--offset", "115"
+    ).stdout.splitlines()
+
+    assert len(first) == 51 and first[0].startswith("item 0 (line 2): field 'value'")
+    assert first[-1] == "failed items 1-50 of 120; --offset 50 for more"
+    assert [line.split()[1] for line in last[:-1]] == ["115", "116", "117", "118", "119"]
+    assert last[-1] == "failed items 116-120 of 120"

@@ -167,3 +167,35 @@ def test_a_file_published_by_a_worker_returns_the_batch_id_at_once(
     assert at_once.published is False and at_once.succeeded < 5_000
     assert final.state == "completed" and final.succeeded == 5_000
     assert final.result == expected_aggregate(rows)
+
+
+def test_a_retry_reruns_what_can_succeed_and_leaves_input_errors_failed_unless_asked(
+    batch_worker: WorkerProcess, ledger: redis.Redis
+) -> None:
+    # Given a batch with items rejected until a cause is fixed, and items that are invalid
+    rows = make_rows(400, seed=11)
+    invalid = [n for n in range(0, 400, 7) if not rows[n]["value"].endswith("0")]
+    for n in invalid:
+        rows[n] = {"key": rows[n]["key"], "value": "not a number"}
+    rejected = sum(r["value"].endswith("0") for r in rows)
+    batch_id = api.submit("tests.fail_until_fixed", rows, chunk_size=50)
+    first = api.wait(batch_id, timeout=120)
+    assert first.failed == rejected + len(invalid)
+
+    # When the cause is fixed and the batch retried
+    ledger.set("fixed", "1")
+    retried = api.retry(batch_id)
+    second = api.wait(batch_id, timeout=120)
+
+    # Then only the rejected items ran again; the invalid ones are still failed, as input errors
+    assert retried == rejected
+    assert (second.attempt, second.state) == (2, "completed_with_failures")
+    assert (second.succeeded, second.failed) == (400 - len(invalid), len(invalid))
+    failed = api.failures(batch_id)
+    assert [f["index"] for f in failed] == invalid
+    assert all(f["input_error"] and f["kind"] == "invalid" for f in failed)
+    # And a retry of input errors only is refused, unless they are asked for
+    with pytest.raises(ValueError, match="input errors"):
+        api.retry(batch_id)
+    assert api.retry(batch_id, include_input_errors=True) == len(invalid)
+    assert api.wait(batch_id, timeout=120).failed == len(invalid)

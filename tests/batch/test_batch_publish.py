@@ -3,8 +3,12 @@ starts, and publishing that fails part-way ending the batch, against a real (pri
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from core.publisher import ConfirmedPublisher
 from tasks.batch import api, runner
 from tasks.batch.store import store_for
-from tests.infra import RabbitNode, require
+from tests.infra import ROOT, RabbitNode, require
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +128,38 @@ def test_a_connection_the_broker_closes_mid_publish_ends_the_batch_publish_faile
     assert status.error is not None and status.error.startswith("after ")
     assert 5 <= status.total < 20
     assert failed.value.reason == status.error
+
+
+def test_submit_prints_the_batch_id_before_it_has_published_the_input(
+    no_worker: RabbitNode, tmp_path: Path, broker_url: str, result_backend: str
+) -> None:
+    # Given an input that takes a while to publish (20,000 chunks of one row)
+    path = tmp_path / "many.csv"
+    path.write_text("key,value\n" + "".join(f"k,{n}\n" for n in range(20_000)))
+    celery = str(Path(sys.executable).with_name("celery"))
+    env = {**os.environ, "CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": result_backend}
+    argv = [celery, "-A", "tasks", "batch", "submit", "noop", str(path), "--chunk-size", "1"]
+    with subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        # When its first line of output arrives
+        assert process.stdout is not None
+        batch_id = process.stdout.readline().strip()
+
+        # Then it is the batch's id while publishing is still under way, so it can be cancelled
+        status = api.status(batch_id)
+        assert not status.published and status.state == "pending", status
+        assert api.cancel(batch_id) is True
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert api.status(batch_id).total < 20_000  # the publisher stopped at the cancel
+
+
+def test_validating_a_write_files_batch_creates_no_directory_on_the_producer(
+    no_worker: RabbitNode, tmp_path: Path
+) -> None:
+    target = tmp_path / "out"
+    batch_id = api.submit("write_files", [{"n": 1}], options={"directory": str(target)})
+    assert api.status(batch_id).total == 1
+    assert not target.exists()  # only a worker, which writes the files, creates it
+    api.cancel(batch_id)

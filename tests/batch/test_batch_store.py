@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.batch import api, handlers, runner
+from tasks.batch import chunking, handlers, runner
 from tasks.batch.store import BatchStore
 
 
@@ -245,7 +245,7 @@ def test_the_idempotency_key_is_the_same_on_redelivery_and_on_the_retry_attempt(
     # When the failed items are retried as attempt 2, by the chunks api.retry publishes
     RecordsKeys.fixed = True
     attempt, retrying = store.begin_retry("b6")
-    chunks = list(api.retry_chunks(store, retrying, 2))
+    chunks = list(chunking.retry_chunks(store.iter_values(retrying), 2))
     assert attempt == 2 and len(chunks) == 1
     store.mark_published("b6", 2, 4, 1)
     start, chunk_items, extras = chunks[0]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from tasks.batch import api, handlers
+from tasks.batch import handlers, inputs
 from tasks.batch.handlers import Aggregate, ItemError, WriteFiles
 
 
@@ -17,7 +19,7 @@ def test_csv_rows_keep_their_line_numbers_and_ragged_rows_become_failed_items(
 ) -> None:
     path = tmp_path / "in.csv"
     path.write_text('key,value\na,1\n\nb,"multi\nline"\nc,3,4\nd\n')
-    entries = list(api.read_csv(path))
+    entries = list(inputs.read_csv(path))
     assert [(e.line, e.error is None) for e in entries] == [
         (2, True),
         (4, True),
@@ -31,7 +33,7 @@ def test_csv_rows_keep_their_line_numbers_and_ragged_rows_become_failed_items(
 def test_jsonl_lines_that_are_not_json_become_failed_items(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n\nnot json\n[2]\n')
-    entries = list(api.read_jsonl(path))
+    entries = list(inputs.read_jsonl(path))
     assert [(e.line, e.item if e.error is None else None) for e in entries] == [
         (1, {"a": 1}),
         (3, None),
@@ -41,11 +43,11 @@ def test_jsonl_lines_that_are_not_json_become_failed_items(tmp_path: Path) -> No
 
 
 def test_the_file_format_comes_from_the_suffix_unless_given() -> None:
-    assert api.file_format("x.CSV") == "csv"
-    assert api.file_format("x.ndjson") == "jsonl"
-    assert api.file_format("x.txt", "csv") == "csv"
+    assert inputs.file_format("x.CSV") == "csv"
+    assert inputs.file_format("x.ndjson") == "jsonl"
+    assert inputs.file_format("x.txt", "csv") == "csv"
     with pytest.raises(ValueError, match="cannot tell the format"):
-        api.file_format("x.txt")
+        inputs.file_format("x.txt")
 
 
 def test_the_aggregate_is_the_same_however_the_items_are_chunked() -> None:
@@ -94,3 +96,41 @@ def test_write_files_writes_each_key_once(tmp_path: Path) -> None:
 def test_an_unknown_handler_names_the_known_ones() -> None:
     with pytest.raises(LookupError, match=r"registered: .*aggregate"):
         handlers.get("nope")
+
+
+def test_the_batch_stages_import_neither_the_tasks_module_nor_the_api() -> None:
+    # The pipeline inputs -> chunking -> publishing -> api has no cycle: the Celery tasks
+    # module is handed down, never imported below the api, and never imports the api.
+    code = (
+        "import sys\n"
+        "import tasks.batch.inputs, tasks.batch.chunking, tasks.batch.publishing\n"
+        "assert 'tasks.batch.tasks' not in sys.modules, 'a stage imported the tasks module'\n"
+        "import tasks.batch.tasks\n"
+        "assert 'tasks.batch.api' not in sys.modules, 'the tasks module imported the api'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_aggregate_checks_its_fields_against_a_csv_header() -> None:
+    assert Aggregate.check_input({}, ["region", "amount"]) == {
+        "key_field": "region",
+        "value_field": "amount",
+    }
+    assert Aggregate.check_input({}, ["value", "key", "note"]) == {
+        "key_field": "key",
+        "value_field": "value",
+    }
+    assert Aggregate.check_input({"key_field": "x"}, None) == {"key_field": "x"}  # no header
+    with pytest.raises(ValueError, match=r"unknown field 'regoin' \(option key_field\); .*: a, b"):
+        Aggregate.check_input({"key_field": "regoin"}, ["a", "b"])
+    with pytest.raises(ValueError, match=r"no column 'key' .*: id, region, amount"):
+        Aggregate.check_input({}, ["id", "region", "amount"])
+
+
+def test_write_files_leaves_its_directory_to_the_first_item_it_writes(tmp_path: Path) -> None:
+    target = tmp_path / "later"
+    handler = WriteFiles({"directory": str(target)})
+    assert not target.exists()
+    handler.process({"n": 1}, "b:1")
+    assert (target / "b-1.json").exists()
