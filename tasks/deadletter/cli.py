@@ -157,6 +157,16 @@ def replay(
     that can never succeed as they are stay, and are listed, unless --force.
     """
     select = _replay_selection(entry_id, task, replay_all)
+    replayed, skipped = _replay(ctx, select, dry_run=dry_run, force=force)
+    _report_replay(replayed, skipped, dry_run, as_json)
+    if entry_id and not (replayed or skipped):
+        raise click.ClickException(f"no dead-lettered message with id {entry_id}")
+
+
+def _replay(
+    ctx: click.Context, select: Callable[[store.Entry], bool], *, dry_run: bool, force: bool
+) -> tuple[list[store.Entry], list[store.Entry]]:
+    """What was replayed, and what was skipped because it can never succeed."""
     conf = ctx.obj.app.conf
     skipped: list[store.Entry] = []
     with _connection(ctx) as connection:
@@ -170,9 +180,7 @@ def replay(
             force=force,
             on_skip=skipped.append,
         )
-    _report_replay(replayed, skipped, dry_run, as_json)
-    if entry_id and not (replayed or skipped):
-        raise click.ClickException(f"no dead-lettered message with id {entry_id}")
+    return replayed, skipped
 
 
 def _purge_selection(

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from kombu import Connection, Producer, Queue
@@ -120,7 +121,9 @@ def entry_from(message: Any) -> Entry:
     if not task_id:
         task_id = "sha1:" + hashlib.sha1(body).hexdigest()[:16]
     died_at: Any = last.get("time")
-    died_at = died_at.isoformat() if hasattr(died_at, "isoformat") else died_at
+    if isinstance(died_at, datetime):
+        # AMQP timestamps are whole seconds since the epoch; py-amqp gives them naive.
+        died_at = (died_at if died_at.tzinfo else died_at.replace(tzinfo=UTC)).isoformat()
     reason = _text(headers.get(reasons.REASON_HEADER)) or _text(last.get("reason"))
     failed_at = _text(headers.get(reasons.FAILED_AT_HEADER))
     return Entry(
@@ -220,32 +223,39 @@ def replay(
     `on_skip`, unless `force`.
     """
     replayed: list[Entry] = []
-    # A connection opened with confirm_publish makes py-amqp wait for each confirm inside
-    # basic_publish (and raise on nack, timeout or channel error). Calling confirm_select() on
-    # an ordinary channel is not enough: publish would return before the broker answered, and
-    # the ack below would drop a message whose copy the broker refused (found by
-    # test_an_interrupted_replay_leaves_the_message_in_the_dead_letter_queue).
+    with _confirming_producer(connection) as producer, held(connection, queue) as messages:
+        for entry, message in messages:
+            if not select(entry) or entry.queue is None:
+                continue
+            if not (entry.replayable or force):
+                if on_skip is not None:
+                    on_skip(entry)
+                continue
+            replayed.append(entry)
+            if not dry_run:
+                _republish(producer, entry, exchange, confirm_timeout)
+                # Reached only once the broker confirmed the publish (confirm mode raises
+                # otherwise): now the dead-letter copy may go.
+                message.ack()
+    return replayed
+
+
+@contextmanager
+def _confirming_producer(connection: Connection) -> Iterator[Producer]:
+    """A producer on a clone of `connection` whose publish returns once the broker confirmed.
+
+    A connection opened with confirm_publish makes py-amqp wait for each confirm inside
+    basic_publish (and raise on nack, timeout or channel error). Calling confirm_select() on
+    an ordinary channel is not enough: publish would return before the broker answered, and
+    replay would ack a dead letter whose copy the broker refused (found by
+    test_an_interrupted_replay_leaves_the_message_in_the_dead_letter_queue).
+    """
     options = {**(connection.transport_options or {}), "confirm_publish": True}
     publisher = connection.clone(transport_options=options)
     try:
-        producer = Producer(publisher.channel())
-        with held(connection, queue) as messages:
-            for entry, message in messages:
-                if not select(entry) or entry.queue is None:
-                    continue
-                if not (entry.replayable or force):
-                    if on_skip is not None:
-                        on_skip(entry)
-                    continue
-                replayed.append(entry)
-                if not dry_run:
-                    _republish(producer, entry, exchange, confirm_timeout)
-                    # Reached only once the broker confirmed the publish (confirm mode raises
-                    # otherwise): now the dead-letter copy may go.
-                    message.ack()
+        yield Producer(publisher.channel())
     finally:
         publisher.close()
-    return replayed
 
 
 def _republish(producer: Producer, entry: Entry, exchange: str, confirm_timeout: float) -> None:
