@@ -17,9 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 async def serve(ctx: Context, address: str, port: int) -> None:
-    server = application(ctx).listen(port, address=address, xheaders=False)
-    bound = next(iter(server._sockets.values())).getsockname()[1]
-    logger.info("console serving http://%s:%s/", address, bound)
+    application(ctx).listen(port, address=address)
+    logger.info("console serving http://%s:%s/", address, port)
     await asyncio.Event().wait()
 
 

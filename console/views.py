@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from console import deadletters
 from console.sources import eta_seconds
+from core.clock import iso
 from core.redaction import redact
 from tasks.batch.store import Status
 
@@ -52,10 +52,6 @@ def when(iso: str | None) -> str:
     return iso.replace("T", " ")[:19]
 
 
-def unix_iso(moment: float) -> str | None:
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds") if moment else None
-
-
 def done_items(status: Status) -> int:
     return status.succeeded + status.failed + status.skipped
 
@@ -94,7 +90,7 @@ def helpers(flower_url: str | None) -> dict[str, Any]:
         "eta_seconds": eta_seconds,
         "shown": shown,
         "pretty": pretty,
-        "unix_iso": unix_iso,
+        "iso": iso,
         "redact": redact,
         "headers": deadletters.headers,
         "preview": deadletters.preview,

@@ -22,6 +22,7 @@ from tornado.ioloop import IOLoop
 from console import deadletters, views
 from console.auth import OPERATOR, Account, Authenticator
 from console.sources import UNAVAILABLE, Sources
+from core.clock import iso
 from core.redaction import redact
 from tasks.schedule.entries import InvalidEntry
 from tasks.schedule.store import EntryNotFound
@@ -100,7 +101,11 @@ class Base(tornado.web.RequestHandler):
         return urlencode({k: v for k, v in args.items() if v not in (None, "")})
 
     def page_args(self) -> tuple[int, int]:
-        page = max(int(self.get_argument("page", "1") or 1), 1)
+        """(offset, limit) of the page asked for by ?page=N (from 1)."""
+        try:
+            page = max(int(self.get_argument("page", "1") or 1), 1)
+        except ValueError:
+            raise tornado.web.HTTPError(400, reason="page must be a whole number") from None
         return (page - 1) * PAGE_SIZE, PAGE_SIZE
 
     def show(self, template: str, payload: Any, **page: Any) -> None:
@@ -196,7 +201,7 @@ class DeadLetters(Base):
             "total": len(matching),
             "offset": offset,
             "limit": limit,
-            "snapshot_at": views.unix_iso(snapshot.taken_at),
+            "snapshot_at": iso(snapshot.taken_at or None, timespec="seconds"),
         }
         self.show(
             "dead_letters.html",
