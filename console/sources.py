@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import AMQPError
 from celery import Celery
 from kombu.exceptions import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import RedisError
 
 from console.deadletters import DeadLetterSnapshot
 from monitoring import queue_stats
@@ -36,8 +38,9 @@ logger = logging.getLogger(__name__)
 QUEUE_CACHE_SECONDS = 2.0
 #: The exporter's gauge of the oldest waiting task (monitoring/exporter/collector.py).
 OLDEST_METRIC = "conveyor_oldest_waiting_task_age_seconds"
-#: Errors of a store call that mean "the broker or Redis is away", shown as such on the page.
-UNAVAILABLE: tuple[type[BaseException], ...] = (OperationalError, OSError, ConnectionError)
+#: Errors of a store call that mean "the broker or Redis is away (or refused us)", shown as
+#: such on the page rather than as a crash. py-amqp's refusals are not OperationalErrors.
+UNAVAILABLE: tuple[type[BaseException], ...] = (OperationalError, OSError, RedisError, AMQPError)
 
 
 @dataclass(frozen=True)
