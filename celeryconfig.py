@@ -306,6 +306,21 @@ conveyor_beat_builtin_entries = True
 conveyor_result_read_timeout: float = env("CONVEYOR_RESULT_READ_TIMEOUT", 3.0)
 
 
+# --- Console (console/, docs/console.md) ---
+#: Flower's address as operators' browsers reach it: the console's header links to it, and
+#: task ids link to Flower's task page. None: no links.
+conveyor_flower_url: str | None = env("CONVEYOR_FLOWER_URL", None)
+#: The exporter's /metrics, where the console reads each queue's oldest waiting task (the
+#: exporter follows task events; the console does not). None: that column shows "-".
+conveyor_exporter_url: str | None = env("CONVEYOR_EXPORTER_URL", None)
+#: Seconds between two checks of the dead-letter queue's depth; the console re-reads the queue
+#: (a basic.get per message) only when the depth changed, after an action, or every 10 minutes.
+conveyor_console_dead_letter_refresh = 5.0
+#: Bytes of each dead letter's body the console keeps for its preview: memory stays about a
+#: kilobyte a message, whatever the bodies weigh.
+conveyor_console_dead_letter_preview = 512
+
+
 # --- Environment overrides, then the settings derived from the final values --------------------
 #: Settings computed below from others: an override of one would not reach its sources.
 _DERIVED = {

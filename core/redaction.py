@@ -43,6 +43,18 @@ def redact_text(text: str) -> str:
     return _SECRET_PAIR.sub(lambda match: match.group(1) + match.group(2) + MASK, text)
 
 
+def redact(value: Any) -> Any:
+    """`value` with every string in it passed through redact_text (mappings and lists walked):
+    for whole headers, bodies and results shown to a person (the console)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(item) for item in value)
+    return value
+
+
 def install() -> None:
     namespace = vars(utils)  # the stubs do not declare filter_hidden_settings' module globals
     original: Callable[[Any], dict[str, Any]] = namespace["filter_hidden_settings"]

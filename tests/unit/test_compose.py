@@ -19,6 +19,7 @@ REQUIRED = {
     "CONVEYOR_EXPORTER_PASSWORD": "pw-exporter",
     "REDIS_PASSWORD": "pw-redis",
     "FLOWER_BASIC_AUTH": "a:b",
+    "CONVEYOR_CONSOLE_AUTH": "c:d",
 }
 
 
