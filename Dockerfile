@@ -17,6 +17,7 @@ COPY tasks ./tasks
 COPY workers ./workers
 COPY core ./core
 COPY monitoring ./monitoring
+COPY outbox ./outbox
 COPY deploy/rabbitmq/definitions.py ./deploy/rabbitmq/definitions.py
 RUN pip install .
 
