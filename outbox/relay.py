@@ -19,6 +19,7 @@ relay (or per failed commit), each a second message with the first one's task id
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -183,7 +184,7 @@ class Relay:
 
     def count_failure(self, queue: str) -> None:
         try:
-            with psycopg.connect(self.settings.url, autocommit=True, connect_timeout=5) as db:
+            with self.connect(autocommit=True) as db:
                 db.execute(COUNT, (f"failures:{queue}", 1))
         except psycopg.Error as exc:
             logger.warning("outbox relay: cannot count the failure: %s", exc)
@@ -206,14 +207,21 @@ class Relay:
         for _ in listener.notifies(timeout=timeout, stop_after=1):
             pass
 
+    def connect(self, **options: Any) -> psycopg.Connection[Any]:
+        # The name shows which relay process holds a session in pg_stat_activity.
+        name = f"conveyor-outbox-relay:{os.getpid()}"
+        return psycopg.connect(
+            self.settings.url, connect_timeout=5, application_name=name, **options
+        )
+
     def db(self) -> psycopg.Connection[Any]:
         if self._db is None or self._db.closed:
-            self._db = psycopg.connect(self.settings.url, connect_timeout=5)
+            self._db = self.connect()
         return self._db
 
     def listener(self) -> psycopg.Connection[Any]:
         if self._listener is None or self._listener.closed:
-            self._listener = psycopg.connect(self.settings.url, autocommit=True, connect_timeout=5)
+            self._listener = self.connect(autocommit=True)
             self._listener.execute(f"LISTEN {CHANNEL}")
         return self._listener
 

@@ -81,7 +81,7 @@ class RelayProcess:
     def log_path(self) -> Path:
         return self.workdir / f"{self.name}.log"
 
-    def start(self) -> RelayProcess:
+    def start(self, wait: bool = True) -> RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         celery = str(Path(sys.executable).with_name("celery"))
         env = {
@@ -123,8 +123,8 @@ def start_relay(tmp_path: Path, outbox_url: str) -> Iterator[RelayFactory]:
     """Start relay processes against the session's database; all stopped after the test."""
     started: list[RelayProcess] = []
 
-    def start(broker_url: str, name: str = "relay", **env: str) -> RelayProcess:
-        relay = RelayProcess(broker_url, outbox_url, tmp_path, name=name, env=env).start()
+    def start(broker_url: str, name: str = "relay", wait: bool = True, **env: str) -> RelayProcess:
+        relay = RelayProcess(broker_url, outbox_url, tmp_path, name=name, env=env).start(wait)
         started.append(relay)
         return relay
 
