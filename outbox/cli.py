@@ -47,12 +47,23 @@ def migrate(ctx: click.Context) -> None:
     multiple=True,
     help="Module of tasks to import (as the worker's --include); not needed to publish them.",
 )
+@click.option(
+    "--if-configured",
+    is_flag=True,
+    help="Without CONVEYOR_OUTBOX_URL, idle instead of failing (the Procfile's `honcho start`).",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
-def relay(ctx: click.Context, include: tuple[str, ...], loglevel: str) -> None:
+def relay(ctx: click.Context, include: tuple[str, ...], if_configured: bool, loglevel: str) -> None:
     """Publish committed outbox rows until SIGTERM or SIGINT (the batch in hand finishes)."""
     app: Any = ctx.obj.app
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    if if_configured and not app.conf.conveyor_outbox_url:
+        logging.getLogger(__name__).info("no CONVEYOR_OUTBOX_URL: the outbox relay idles")
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)
+        return
     for module in include:
         import_module(module)
     app.loader.import_default_modules()

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -33,6 +34,7 @@ from kombu.utils.json import loads
 
 from core.publisher import ConfirmedPublisher, PublishError
 from tasks.outbox import CHANNEL, TABLE
+from workers.health import probe_path
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ DELETE FROM {TABLE} WHERE id IN (
     SELECT id FROM {TABLE} WHERE published_at < clock_timestamp() - make_interval(secs => %s)
     LIMIT 10000)
 """
+#: Touched every loop: `python -m workers.health live --node outbox-relay` probes it.
+LIVE_FILE = probe_path("outbox-relay", "live")
 #: What the relay waits out and tries again: the broker or the database away.
 RETRIED = (OperationalError, PublishError, ConnectionError, TimeoutError, psycopg.OperationalError)
 
@@ -95,6 +99,11 @@ class Settings:
         )
 
 
+def touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
 class Relay:
     """One relay process's loop; `stop` ends it after the batch in hand."""
 
@@ -112,6 +121,7 @@ class Relay:
         """Relay until stopped, waiting out a broker or database that is away."""
         try:
             while not self.stopping.is_set():
+                touch(LIVE_FILE)
                 try:
                     moved = self.relay_once()
                     self.cleanup_if_due()

@@ -153,3 +153,14 @@ def test_the_monitoring_profile_adds_prometheus_and_grafana() -> None:
     # the exporter's port is not published at all.
     assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
     assert "ports" not in services["exporter"]
+
+
+def test_the_outbox_profile_adds_postgres_and_the_relay_that_the_procfile_runs() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert services["postgres"]["profiles"] == ["outbox"]
+    assert services["outbox-relay"]["profiles"] == ["outbox"]
+    assert services["outbox-relay"]["command"][-1].endswith("exec celery -A tasks outbox relay")
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    assert procfile["outbox_relay"].split()[:5] == ["celery", "-A", "tasks", "outbox", "relay"]
