@@ -108,6 +108,11 @@ class Relay:
     """One relay process's loop; `stop` ends it after the batch in hand."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
+        # Celery subscribes the caller to each published task's result (a Redis round trip per
+        # task, and subscriptions that pile up) unless the task ignores its result. The relay
+        # never waits for results: with a disabled backend here, the messages still carry the
+        # task's own ignore_result, and the workers store results as for any apply_async.
+        app.backend_cls = "celery.backends.base:DisabledBackend"
         self.app = app
         self.settings = settings
         self.stopping = threading.Event()
