@@ -21,6 +21,13 @@ from outbox.relay import Relay, Settings
 SCHEMA = Path(__file__).with_name("schema.sql")
 
 
+def settings_of(app: Any) -> Settings:
+    try:
+        return Settings.from_app(app)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def migrate_database(url: str) -> None:
     """Run schema.sql (idempotent) in one transaction."""
     with psycopg.connect(url, connect_timeout=10) as db:
@@ -36,8 +43,7 @@ def outbox() -> None:
 @click.pass_context
 def migrate(ctx: click.Context) -> None:
     """Create the conveyor_outbox table, its indexes and trigger (safe to run again)."""
-    settings = Settings.from_app(ctx.obj.app)
-    migrate_database(settings.url)
+    migrate_database(settings_of(ctx.obj.app).url)
     click.echo("conveyor_outbox is ready")
 
 
@@ -67,7 +73,7 @@ def relay(ctx: click.Context, include: tuple[str, ...], if_configured: bool, log
     for module in include:
         import_module(module)
     app.loader.import_default_modules()
-    runner = Relay(app, Settings.from_app(app))
+    runner = Relay(app, settings_of(app))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runner.stop())
     logging.getLogger(__name__).info("outbox relay started")

@@ -24,7 +24,7 @@ from kombu import Connection
 
 from tasks import outbox
 from tests.chaos.harness import Outcome, count_duplicates
-from tests.infra import RabbitNode, WorkerProcess, wait_for
+from tests.infra import WorkerProcess, wait_for
 from tests.outbox.conftest import RelayFactory, RelayProcess, waiting_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
@@ -97,7 +97,6 @@ def relay_in_transaction(url: str, relays: list[RelayProcess]) -> int:
 
 def test_relays_killed_at_random_points_lose_nothing_and_duplicate_within_the_bound(
     conveyor_app: Any,
-    rabbit: RabbitNode,
     broker_url: str,
     result_backend: str,
     ledger_url: str,
