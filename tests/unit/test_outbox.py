@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -13,6 +17,7 @@ from kombu.utils.json import loads
 from tasks import outbox
 from tasks.base import ArgumentsTooLarge
 from tasks.webhooks import deliver
+from tests.infra import ROOT
 
 
 class RecordingConnection:
@@ -83,3 +88,25 @@ def test_an_eta_without_a_zone_is_utc() -> None:
     assert outbox.due_at(None, "2030-01-01T00:00:00", datetime.now(UTC)) == datetime(
         2030, 1, 1, tzinfo=UTC
     )
+
+
+@pytest.mark.parametrize("url", ["", "postgresql://conveyor@db:5432/app"])
+def test_the_exporter_and_the_overview_read_the_outbox_only_when_it_is_configured(
+    url: str,
+) -> None:
+    code = (
+        "import json, celeryconfig as c; "
+        "print(json.dumps([c.conveyor_metrics_collectors, c.conveyor_overview_sections]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_OUTBOX_URL")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "CONVEYOR_OUTBOX_URL": url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    collectors, sections = json.loads(done.stdout)
+    assert ("monitoring.outbox:collector" in collectors) is bool(url)
+    assert ("monitoring.outbox:overview_section" in sections) is bool(url)
