@@ -18,8 +18,10 @@ COPY workers ./workers
 COPY core ./core
 COPY monitoring ./monitoring
 COPY console ./console
+COPY outbox ./outbox
 COPY deploy/rabbitmq/definitions.py ./deploy/rabbitmq/definitions.py
-RUN pip install .
+# The outbox extra (psycopg): the relay and the exporter's outbox metrics run from this image.
+RUN pip install '.[outbox]'
 
 # Celery refuses nothing as root, but a task should never run with root's rights.
 USER conveyor

@@ -321,6 +321,23 @@ conveyor_console_dead_letter_refresh = 5.0
 conveyor_console_dead_letter_preview = 512
 
 
+# --- Outbox (outbox/, docs/outbox.md) ---
+#: PostgreSQL URL (postgresql://...) of the database holding conveyor_outbox, for the relay,
+#: `celery -A tasks outbox migrate` and the exporter. Unset: no outbox (docs/outbox.md).
+conveyor_outbox_url = optional_secret("CONVEYOR_OUTBOX_URL")
+#: Rows one relay publishes per transaction. It is also the duplicate bound: a relay killed
+#: between the broker's confirms and its commit leaves at most this many rows to be published
+#: again, under the same task ids.
+conveyor_outbox_batch_size: int = env("CONVEYOR_OUTBOX_BATCH_SIZE", 500)
+#: Seconds between polls when no NOTIFY arrives (a notification lost with a dropped connection).
+conveyor_outbox_poll_interval: float = env("CONVEYOR_OUTBOX_POLL_INTERVAL", 1.0)
+#: Seconds a published row is kept (for audits and `SELECT`s), then deleted: 7 days.
+conveyor_outbox_retention: int = env("CONVEYOR_OUTBOX_RETENTION", 604800)
+conveyor_outbox_cleanup_interval = 60.0
+#: Seconds the relay waits after a failure (broker or database away) before trying again.
+conveyor_outbox_retry_interval: float = env("CONVEYOR_OUTBOX_RETRY_INTERVAL", 1.0)
+
+
 # --- Environment overrides, then the settings derived from the final values --------------------
 #: Settings computed below from others: an override of one would not reach its sources.
 _DERIVED = {
@@ -383,3 +400,8 @@ if conveyor_signing:
             "CONVEYOR_SIGNING=on needs CONVEYOR_SIGNING_KEY, CONVEYOR_SIGNING_CERT and "
             "CONVEYOR_SIGNING_CERT_STORE"
         )
+
+if conveyor_outbox_url:
+    # Only with an outbox: otherwise every scrape and overview would fail to connect.
+    conveyor_metrics_collectors = [*conveyor_metrics_collectors, "monitoring.outbox:collector"]
+    conveyor_overview_sections = [*conveyor_overview_sections, "monitoring.outbox:overview_section"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from benchmarks import batch, console, raw_amqp
+from benchmarks import batch, console, outbox_relay, raw_amqp
 from benchmarks.environment import (
     QueueProbe,
     Services,
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--only", nargs="*", help="run only these systems (or batch, console)")
+    parser.add_argument(
+        "--only", nargs="*", help="run only these systems (or batch, console, outbox)"
+    )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -199,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     if not args.only or "console" in args.only:
         rows = console.rows(args.quick or args.smoke)
+        results.extend(rows)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    if not args.only or "outbox" in args.only:
+        # Needs a PostgreSQL server (CONVEYOR_BENCH_POSTGRES_URL); benchmarks/outbox_relay.py.
+        rows = outbox_relay.run(args.quick or args.smoke)
         results.extend(rows)
         for row in rows:
             print(json.dumps(row), flush=True)

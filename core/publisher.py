@@ -65,6 +65,7 @@ class ConfirmedPublisher:
         self.published = 0
         self._unconfirmed: set[int] = set()
         self._nacked = 0
+        self._declared: set[str] = set()
         # The app's broker settings (URL, TLS, login, timeouts) with confirms switched to this
         # class's own handling. Heartbeats would need a thread to answer them while a slow
         # input is read; without them a dead broker still shows, as a failing publish or a
@@ -119,11 +120,13 @@ class ConfirmedPublisher:
         `argsrepr` is what Flower and the logs show for the arguments: Celery would otherwise
         walk the whole chunk to build it, which costs more than serialising it.
         """
-        if self.published:
+        route = str(options.get("queue") or task.name)
+        if route in self._declared:
             # Declaring on publish (conveyor_declare_on_publish) is done with the first message
-            # only: kombu's per-publish check of an already declared queue costs about a tenth
-            # of a bulk publish.
+            # of each queue only: kombu's per-publish check of an already declared queue costs
+            # about a tenth of a bulk publish.
             options.setdefault("declare", [])
+        self._declared.add(route)
         if self.events is not None:
             options.setdefault("event_dispatcher", self.events)
         task.apply_async(
@@ -133,8 +136,7 @@ class ConfirmedPublisher:
             retry=False,
             ignore_result=ignore_result,
             argsrepr=argsrepr,
-            kwargsrepr="{}",
-            **options,
+            **{"kwargsrepr": "{}", **options},
         )
         self.wait(self.max_unconfirmed)
 

@@ -182,5 +182,16 @@ def test_env_example_sets_the_management_api_urls_the_code_reads() -> None:
     assert listed["FLOWER_BROKER_API"] == local_api
     assert listed["CONVEYOR_RABBITMQ_API"] == local_api
     # Flower reads FLOWER_BROKER_API itself; the exporter and overview read this one.
-    assert '_optional_secret("CONVEYOR_RABBITMQ_API")' in (ROOT / "celeryconfig.py").read_text()
+    assert 'optional_secret("CONVEYOR_RABBITMQ_API")' in (ROOT / "celeryconfig.py").read_text()
     assert 'envvar="CONVEYOR_RABBITMQ_API"' in (ROOT / "monitoring/overview.py").read_text()
+
+
+def test_the_outbox_profile_adds_postgres_and_the_relay_that_the_procfile_runs() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert services["postgres"]["profiles"] == ["outbox"]
+    assert services["outbox-relay"]["profiles"] == ["outbox"]
+    assert services["outbox-relay"]["command"][-1].endswith("exec celery -A tasks outbox relay")
+    procfile = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    assert procfile["outbox_relay"].split()[:5] == ["celery", "-A", "tasks", "outbox", "relay"]
