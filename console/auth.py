@@ -44,12 +44,12 @@ def parse_accounts(value: str, role: str, variable: str) -> list[Account]:
 
 def accounts_from_environment() -> list[Account]:
     """Every account given by CONVEYOR_CONSOLE_AUTH and CONVEYOR_CONSOLE_VIEWERS (or *_FILE)."""
-    from celeryconfig import _optional_secret
+    from core.config import optional_secret
 
     accounts: list[Account] = []
     for role, variable in VARIABLES.items():
         try:
-            value = _optional_secret(variable)
+            value = optional_secret(variable)
         except RuntimeError as exc:
             raise UnsafeConsoleConfiguration(f"refusing to start: {exc}") from None
         if value:

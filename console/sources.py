@@ -23,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from console.deadletters import DeadLetterSnapshot
+from core.clock import iso
 from monitoring import queue_stats
 from tasks.batch import api as batch_api
 from tasks.batch.store import FINAL_STATES, BatchNotFound, Status
 from tasks.deadletter import store as dead_letters
 from tasks.deadletter.store import Entry
+from tasks.schedule import last_success
 from tasks.schedule import store as schedules
-from tasks.schedule.monitoring import overview_section as schedule_overview
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,9 @@ class Sources:
     # --- schedules ------------------------------------------------------------------------
     def schedules(self) -> list[dict[str, Any]]:
         """Every entry as `schedule list --json` shows it, with its last success."""
-        _, rows = schedule_overview(self.app)
-        last = {row["entry"]: row["last_success"] for row in rows}
+        last = {
+            name: iso(at, timespec="seconds") for name, at in last_success.read(self.app).items()
+        }
         return [
             {**view.as_dict(), "last_success": last.get(view.name)}
             for view in schedules.list_entries(self.app)

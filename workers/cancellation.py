@@ -44,10 +44,9 @@ DELAYED_RECORD_MARGIN = 3600
 _TIMEOUT = 2.0
 
 
-@functools.cache
-def _record_client(url: str) -> redis.Redis:
-    # Shorter still: this runs in the publisher's call, whose time is bounded and documented.
-    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+#: Shorter still for the record of a delayed publish: it runs in the publisher's call, whose
+#: time is bounded and documented.
+_RECORD_TIMEOUT = 0.5
 
 
 def cancellation_key(task_id: str) -> str:
@@ -71,7 +70,9 @@ def delayed_key(task_id: str) -> str:
 
 def is_delayed(app: Celery, task_id: str) -> bool:
     """Whether a delayed job with this id was published and is not long past due."""
-    return bool(_client(app.conf.redbeat_redis_url).exists(delayed_key(task_id)))
+    return bool(
+        redis_client(app.conf.redbeat_redis_url, timeout=_TIMEOUT).exists(delayed_key(task_id))
+    )
 
 
 def _on_published(sender: Any = None, headers: Any = None, **_: Any) -> None:
@@ -83,7 +84,7 @@ def _on_published(sender: Any = None, headers: Any = None, **_: Any) -> None:
         due = due.replace(tzinfo=UTC)
     remaining = max(0, math.ceil((due - datetime.now(UTC)).total_seconds()))
     try:
-        client = _record_client(current_app.conf.redbeat_redis_url)
+        client = redis_client(current_app.conf.redbeat_redis_url, timeout=_RECORD_TIMEOUT)
         client.set(delayed_key(headers["id"]), "1", ex=remaining + DELAYED_RECORD_MARGIN)
     except redis.exceptions.RedisError as exc:
         logger.warning("cannot record delayed task %s for cancellation: %r", headers["id"], exc)

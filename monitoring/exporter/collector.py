@@ -68,6 +68,23 @@ class BrokerCollector(Collector):
             yield from self._waiting(observed_at)
             return
         up.add_metric([], 1)
+        self._add_queues(snap, observed_at, ready, consumers, unacked, dead)
+        if snap.delayed is not None:
+            delayed.add_metric([], snap.delayed)
+        yield from (up, ready, consumers, dead)
+        if snap.source == "management":
+            yield from (unacked, delayed)
+        yield from self._waiting(observed_at)
+
+    def _add_queues(
+        self,
+        snap: queue_stats.BrokerSnapshot,
+        observed_at: float,
+        ready: GaugeMetricFamily,
+        consumers: GaugeMetricFamily,
+        unacked: GaugeMetricFamily,
+        dead: GaugeMetricFamily,
+    ) -> None:
         dlq = self.app.conf.conveyor_dead_letter_queue
         for name, stats in snap.queues.items():
             ready.add_metric([name], stats.ready)
@@ -78,12 +95,6 @@ class BrokerCollector(Collector):
                 dead.add_metric([], stats.ready + (stats.unacked or 0))
             elif stats.ready == 0 and self.events is not None:
                 self.events.nothing_ready_in(name, observed_at)
-        if snap.delayed is not None:
-            delayed.add_metric([], snap.delayed)
-        yield from (up, ready, consumers, dead)
-        if snap.source == "management":
-            yield from (unacked, delayed)
-        yield from self._waiting(observed_at)
 
     def _nodes(self) -> Iterable[Metric]:
         """Each broker node's file handles and sockets, read apart from the queues: at its

@@ -28,12 +28,14 @@ from typing import Any
 from kombu import Connection, Producer, Queue
 
 from core import dead_letters as reasons
-from tasks.schedule.entries import ENTRY_HEADER
 
 #: Headers RabbitMQ and the worker add on dead-lettering; a replayed message starts afresh.
 _DEATH_HEADERS = ("x-death", "x-delivery-count", *reasons.REASON_HEADERS)
 _DEATH_PREFIXES = ("x-first-death-", "x-last-death-")
 REPLAYS_HEADER = "x-conveyor-replays"
+#: The header beat puts on a scheduled run: a wire name shared with the schedule feature
+#: (tasks.schedule.entries.ENTRY_HEADER; a unit test holds them equal), not an import of it.
+SCHEDULE_HEADER = "conveyor_schedule"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def entry_from(message: Any) -> Entry:
         message=_text(headers.get(reasons.MESSAGE_HEADER)),
         worker=_text(headers.get(reasons.WORKER_HEADER)),
         failed_at=failed_at or died_at,
-        schedule=_text(headers.get(ENTRY_HEADER)),
+        schedule=_text(headers.get(SCHEDULE_HEADER)),
         replayable=reason not in reasons.NEVER_REPLAYABLE,
     )
 

@@ -75,10 +75,18 @@ class EntrySpec:
     allow_overlap: bool = False
 
     def __post_init__(self) -> None:
+        self._check_identity()
+        self._check_timing()
+        if not isinstance(self.kwargs, dict):
+            raise InvalidEntry(f"entry {self.name!r}: kwargs must be a JSON object")
+
+    def _check_identity(self) -> None:
         if not self.name or any(ch.isspace() for ch in self.name):
             raise InvalidEntry(f"entry name must be non-empty without spaces, got {self.name!r}")
         if not self.task:
             raise InvalidEntry("entry task name must be non-empty")
+
+    def _check_timing(self) -> None:
         if (self.every is None) == (self.cron is None):
             raise InvalidEntry(f"entry {self.name!r}: give exactly one of every or cron")
         if self.every is not None and not self.every >= MIN_EVERY_SECONDS:
@@ -90,8 +98,6 @@ class EntrySpec:
             raise InvalidEntry(f"entry {self.name!r}: expires must be > 0 seconds")
         if self.cron is not None:
             parse_cron(self.cron)
-        if not isinstance(self.kwargs, dict):
-            raise InvalidEntry(f"entry {self.name!r}: kwargs must be a JSON object")
 
     def schedule(self) -> timedelta | crontab:
         if self.cron is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery

@@ -110,3 +110,10 @@ def test_a_broker_dead_letter_keeps_rabbitmqs_reason_and_names_its_schedule() ->
     assert entry.failed_at == "2026-01-02T03:04:05+00:00" and entry.replayable
     assert store.matching(reason="expired", origin="default")(entry)
     assert not store.matching(reason="expired", task="other")(entry)
+
+
+def test_the_dead_letter_store_reads_the_header_beat_writes() -> None:
+    from tasks.deadletter.store import SCHEDULE_HEADER
+    from tasks.schedule.entries import ENTRY_HEADER
+
+    assert SCHEDULE_HEADER == ENTRY_HEADER
