@@ -22,8 +22,9 @@ import pytest
 import redis
 from port_for import get_port
 
-from tests.batch.conftest import batch_worker_process
+from tests.batch.conftest import FAST_RETRIES, INCLUDE
 from tests.chaos.test_bad_input import publish_raw, task_body, task_headers
+from tests.conftest import StartWorker
 from tests.infra import WorkerProcess, wait_for
 from tests.monitoring.conftest import ARTIFACTS, ServiceProcess, project_command
 from tests.monitoring.test_flower import browser  # noqa: F401  the headless Chromium fixture
@@ -42,19 +43,15 @@ def authorization(account: tuple[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def console_worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    conveyor_app: Any,
-    broker_url: str,
-    result_backend: str,
-    ledger_url: str,
+    conveyor_app: Any, broker_url: str, start_worker: StartWorker
 ) -> Iterator[WorkerProcess]:
     """A real worker that also runs the test batch handlers (tests/batch's worker)."""
     import tests.batch_handlers  # noqa: F401  the producer validates handler names
 
-    workdir = tmp_path_factory.mktemp("console-worker")
-    process = batch_worker_process(workdir, broker_url, result_backend, ledger_url, "console")
-    yield process.start()
-    process.stop()
+    with start_worker(
+        "console", broker_url=broker_url, include=INCLUDE, env=FAST_RETRIES
+    ) as process:
+        yield process
 
 
 @pytest.fixture
