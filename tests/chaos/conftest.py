@@ -82,7 +82,7 @@ WorkerFactory = Callable[..., WorkerProcess]
 
 
 @pytest.fixture
-def start_worker(
+def chaos_workers(
     tmp_path: Path, chaos_rabbit: ChaosRabbitNode, result_backend: str, ledger_url: str
 ) -> Iterator[WorkerFactory]:
     """Start real workers on the chaos node; every one is stopped after the test."""
@@ -139,6 +139,6 @@ def chaos(
     chaos_app: Any,
     chaos_ledger: redis.Redis,
     chaos_rabbit: ChaosRabbitNode,
-    start_worker: WorkerFactory,
+    chaos_workers: WorkerFactory,
 ) -> Chaos:
-    return Chaos(chaos_app, chaos_ledger, chaos_rabbit, start_worker)
+    return Chaos(chaos_app, chaos_ledger, chaos_rabbit, chaos_workers)
