@@ -33,6 +33,8 @@ CLOSED_SETS: dict[str, set[str] | re.Pattern[str]] = {
     "handler": NAME,
     "batch_id": re.compile(r"^[\w-]+$"),
     "entry": re.compile(r"^[\w.:-]+$"),
+    # A RabbitMQ node's name: as many values as the cluster has nodes.
+    "node": re.compile(r"^[\w.-]+@[\w.-]+$"),
 }
 
 
