@@ -249,7 +249,8 @@ def test_the_readme_web_app_schedule_and_dead_letter_examples_run_as_written(
 
     # The dead-letter block, each line in its shortest form; purge answers its question
     for line in blocks["dlq"].strip().splitlines():
-        command = runnable(line, {"<task-id>": ids["dead"], "<name>": "readme.no_such_task"})
+        given = {"<task-id>": ids["dead"], "<name>": "readme.no_such_task"}
+        command = runnable(line, {**given, "<entry>": "partner-heartbeat"})
         stack.run(command, stdin="y\n")
 
 
