@@ -20,7 +20,8 @@ from celery.utils.log import get_task_logger
 from core.dead_letters import RetriesExhausted
 from core.events import sent_events
 from core.publisher import typed_broker_errors
-from tasks.idempotency import EffectInProgress, Outcome, client_for, run_once, run_once_in_redis
+from core.redis import client as redis_client
+from tasks.idempotency import EffectInProgress, Outcome, run_once, run_once_in_redis
 
 T = TypeVar("T")
 logger = get_task_logger(__name__)
@@ -329,7 +330,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         """The idempotency store and the ttl and lease, defaulting to the configured ones."""
         conf = self.app.conf
         return (
-            client_for(conf.conveyor_idempotency_url),
+            redis_client(conf.conveyor_idempotency_url),
             int(conf.conveyor_idempotency_ttl if ttl is None else ttl),
             float(conf.conveyor_idempotency_lease if lease is None else lease),
         )

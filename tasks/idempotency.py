@@ -68,11 +68,6 @@ class Outcome(Generic[T]):
     value: T
 
 
-def client_for(url: str) -> redis.Redis:
-    """The idempotency store's client: core.redis's, one pool per process and URL."""
-    return redis_client(url)
-
-
 def run_once(
     client: redis.Redis,
     key: str,
@@ -168,7 +163,7 @@ def enqueue_once(
     two publishes racing past the marker produce one id, which idempotent effects then run once.
     """
     if client is None:
-        client = client_for(task.app.conf.conveyor_idempotency_url)
+        client = redis_client(task.app.conf.conveyor_idempotency_url)
     if ttl is None:
         ttl = int(task.app.conf.conveyor_idempotency_ttl)
     task_id = task_id_for(task.name, key)

@@ -18,7 +18,7 @@ from typing import Any
 
 from kombu.utils.json import dumps
 
-from tasks.base import check_argument_size
+from tasks.base import InvalidArguments, check_publishable
 
 #: The table and the LISTEN/NOTIFY channel (outbox/schema.sql creates both).
 TABLE = "conveyor_outbox"
@@ -30,8 +30,9 @@ INSERT = (
 )
 
 
-class NotSerializable(ValueError):
-    """The arguments are not JSON as Celery's json serializer writes it."""
+#: The arguments are not JSON as Celery's json serializer writes it: the same error
+#: apply_async raises (tasks.base.check_publishable makes the check for both).
+NotSerializable = InvalidArguments
 
 
 def delay(connection: Any, task: Any, *args: Any, **kwargs: Any) -> str:
@@ -68,16 +69,6 @@ def apply_async(
     }
     execute(connection, INSERT, params)
     return task_id
-
-
-def check_publishable(task: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """The checks apply_async makes before publishing, made in the request.
-
-    The one call site to switch to ``tasks.base.check_publishable`` (CONTRACTS.md: signature
-    binding, JSON, size and the task's own validation) once the publish work lands; until
-    then, the size limit that apply_async applies today.
-    """
-    check_argument_size(args, kwargs, int(task.app.conf.conveyor_max_argument_bytes))
 
 
 def serialize(value: Any) -> str:
