@@ -16,6 +16,21 @@ def _ledger() -> redis.Redis:
     return redis.Redis.from_url(os.environ["CONVEYOR_TEST_LEDGER_URL"], decode_responses=True)
 
 
+def _count_run(request: Any, ledger: redis.Redis | None = None) -> int:
+    """Count one execution of the task id in the chaos ledger's `runs`; returns the count.
+
+    A delivery the broker flagged as redelivered (its copy went back to the queue at a crash
+    or connection loss) is also counted in `redelivered`: the harness bounds those, and tells
+    them apart from a second publish of the id that no ledger saw (a publish retried inside
+    kombu after its confirm was lost arrives unflagged).
+    """
+    with (ledger or _ledger()).pipeline(transaction=False) as pipe:
+        pipe.hincrby("runs", request.id, 1)
+        if (request.delivery_info or {}).get("redelivered"):
+            pipe.hincrby("redelivered", request.id, 1)
+        return int(pipe.execute()[0])
+
+
 @signals.task_retry.connect
 def _count_retry_publish(request: Any = None, **_: Any) -> None:
     """Record that a task published its own retry: that run is a publish, not a redelivery.
@@ -52,7 +67,7 @@ def record_and_sleep(self: Any, key: str, seconds: float) -> int:
 @app.task(name="tests.chaos_work", bind=True)
 def chaos_work(self: Any, seconds: float) -> str:
     """Count this execution of the task id in the chaos ledger, then work for `seconds`."""
-    _ledger().hincrby("runs", self.request.id, 1)
+    _count_run(self.request)
     time.sleep(seconds)
     return str(self.request.id)
 
@@ -60,10 +75,8 @@ def chaos_work(self: Any, seconds: float) -> str:
 @app.task(name="tests.timed_work", bind=True)
 def timed_work(self: Any) -> None:
     """Count this execution in the chaos ledger and log when it started (failover gaps)."""
-    with _ledger().pipeline(transaction=False) as pipe:
-        pipe.hincrby("runs", self.request.id, 1)
-        pipe.rpush("starts", time.time())
-        pipe.execute()
+    _count_run(self.request)
+    _ledger().rpush("starts", time.time())
 
 
 @app.task(name="tests.poison")
@@ -76,7 +89,7 @@ def poison() -> None:
 @app.task(name="tests.long_running", bind=True)
 def long_running(self: Any, seconds: float) -> float:
     """Sleep past the broker's consumer_timeout unless the time limit stops it first."""
-    _ledger().hincrby("runs", self.request.id, 1)
+    _count_run(self.request)
     time.sleep(seconds)
     return seconds
 
@@ -84,7 +97,7 @@ def long_running(self: Any, seconds: float) -> float:
 @app.task(name="tests.typed", bind=True)
 def typed(self: Any, count: int) -> int:
     """Fails (TypeError) when a raw message gives `count` the wrong type."""
-    _ledger().hincrby("runs", self.request.id, 1)
+    _count_run(self.request)
     return count + 1
 
 
@@ -95,7 +108,7 @@ def idempotent_effect(self: Any, key: str, seconds: float) -> int:
     The counter lives in the idempotency database (the chaos workers point
     CONVEYOR_IDEMPOTENCY_URL at the ledger), so it commits with its done-marker.
     """
-    _ledger().hincrby("runs", self.request.id, 1)
+    _count_run(self.request)
     time.sleep(seconds)
     outcome = self.run_once_in_redis(key, lambda pipe: pipe.hincrby("effects", key, 1), lease=3)
     return int(outcome.value[0]) if outcome.value else 0
@@ -105,7 +118,7 @@ def idempotent_effect(self: Any, key: str, seconds: float) -> int:
 def transient(self: Any, key: str) -> str:
     """Raises ConnectionError while the ledger has `broken:<key>`: retried, then dead-lettered."""
     ledger = _ledger()
-    ledger.hincrby("runs", self.request.id, 1)
+    _count_run(self.request, ledger)
     if ledger.exists(f"broken:{key}"):
         raise ConnectionError(f"{key} is down")
     return "ok"
@@ -119,7 +132,7 @@ def held_effect(self: Any, key: str, hold: float) -> int:
     kill it there. Every run records the transient-retry count it was given.
     """
     ledger = _ledger()
-    runs = int(ledger.hincrby("runs", self.request.id, 1))
+    runs = _count_run(self.request, ledger)
     ledger.rpush(f"retries:{self.request.id}", self.request.retries)
 
     def effect(pipe: Any) -> None:

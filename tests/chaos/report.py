@@ -23,6 +23,7 @@ COLUMNS = (
     # Runs beyond the first, in two counts that are never added together: runs explained by a
     # second publish of the id, and redeliveries (the count the promise bounds).
     ("republish_duplicates", "publish duplicates"),
+    ("unrecorded_publish_duplicates", "unrecorded publish duplicates"),
     ("duplicates", "redeliveries"),
     ("duplicate_bound", "bound"),
     ("time_to_recover", "time to recover s"),

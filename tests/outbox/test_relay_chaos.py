@@ -154,7 +154,8 @@ def test_relays_killed_at_random_points_lose_nothing_and_duplicate_within_the_bo
     finally:
         worker.stop()
     runs = {task_id: int(n) for task_id, n in ledger.hgetall("runs").items()}
-    duplicates, _ = count_duplicates(enqueuer.committed, {}, runs, ledger.hgetall("retried"))
+    retried = {task_id: int(n) for task_id, n in ledger.hgetall("retried").items()}
+    duplicates, _, _ = count_duplicates(enqueuer.committed, {}, runs, retried)
     effects = ledger.hgetall("effects")
     lost = [i for i in enqueuer.committed if i not in runs]
     Outcome(

@@ -129,12 +129,27 @@ def test_chaos_ledger_counts_runs_of_re_published_ids_apart_from_redeliveries() 
         "republished-and-redelivered": 3,
     }
     # The second run of a re-published id is its second publish; a third is a redelivery.
-    assert count_duplicates(ok, indeterminate, runs) == (2, 2)
+    assert count_duplicates(ok, indeterminate, runs) == (2, 2, 0)
     # A re-published id whose first publish never landed ran once: nothing to excuse.
-    assert count_duplicates(["x"], {"x": 3}, {"x": 1}) == (0, 0)
+    assert count_duplicates(["x"], {"x": 3}, {"x": 1}) == (0, 0, 0)
     # A retry the task published itself is a publish too; a run beyond it is a redelivery.
-    assert count_duplicates(["r"], {}, {"r": 3}, {"r": 1}) == (1, 1)
-    assert count_duplicates(["r"], {}, {"r": 3}) == (2, 0)
+    assert count_duplicates(["r"], {}, {"r": 3}, {"r": 1}) == (1, 1, 0)
+    assert count_duplicates(["r"], {}, {"r": 3}) == (2, 0, 0)
+
+
+def test_chaos_ledger_bounds_only_the_runs_the_broker_flagged_as_redelivered() -> None:
+    from tests.chaos.harness import count_duplicates
+
+    # A redelivered copy that ran beside its first run is a redelivery.
+    assert count_duplicates(["a"], {}, {"a": 2}, {}, {"a": 1}) == (1, 0, 0)
+    # A prefetched copy that never ran before the connection loss: its flagged run is its
+    # first, and nothing is extra.
+    assert count_duplicates(["b"], {}, {"b": 1}, {}, {"b": 1}) == (0, 0, 0)
+    # A retry published twice (the second time inside kombu, after the confirm was lost):
+    # three runs, one recorded retry, none flagged; the third run is an unrecorded publish.
+    assert count_duplicates(["c"], {}, {"c": 3}, {"c": 1}, {}) == (0, 1, 1)
+    # Flagged runs beyond the publishes stay redeliveries, whatever else ran.
+    assert count_duplicates(["d"], {}, {"d": 4}, {"d": 1}, {"d": 1}) == (1, 1, 1)
 
 
 def test_redis_effects_commit_with_their_marker_once_per_key(store: redis.Redis) -> None:
