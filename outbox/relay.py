@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from celery.exceptions import NotRegistered
 from kombu.exceptions import OperationalError
 from kombu.utils.json import loads
 
-from core.publisher import ConfirmedPublisher, PublishError
+from core.publisher import ConfirmedPublisher, PublishError, Route, route
 from tasks.outbox import CHANNEL, TABLE
 from workers.health import probe_path
 
@@ -120,6 +121,7 @@ class Relay:
         self._listener: psycopg.Connection[Any] | None = None
         self._publisher: ConfirmedPublisher | None = None
         self._tasks: dict[str, Any] = {}
+        self._routes: dict[tuple[str, str], Route | None] = {}
         self._last_cleanup = 0.0
 
     def run(self) -> None:
@@ -168,10 +170,20 @@ class Relay:
             raise
 
     def publish(self, queue: str, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Send every row, then wait until the broker confirmed them all."""
+        """Send every row, then wait until the broker confirmed them all.
+
+        A row due now goes along its task's worked-out Route (core.publisher.send_routed);
+        a row with a future eta, or a task whose options are worked out per call, takes the
+        full apply_async path, which also sends it through the broker's delayed delivery.
+        """
         publisher = self.publisher()
+        now = datetime.now(UTC)
         for _id, task_id, name, args, kwargs, eta in rows:
             task = self.task(name)
+            route = self.route(task, queue) if eta is None or eta <= now else None
+            if route is not None:
+                publisher.send_routed(route, task_id, loads(args), loads(kwargs), args, kwargs)
+                continue
             publisher.send(
                 task,
                 loads(args),
@@ -184,6 +196,12 @@ class Relay:
                 ignore_result=bool(task.ignore_result),
             )
         publisher.wait(0)
+
+    def route(self, task: Any, queue: str) -> Route | None:
+        key = (task.name, queue)
+        if key not in self._routes:
+            self._routes[key] = route(self.app, task, queue)
+        return self._routes[key]
 
     def task(self, name: str) -> Any:
         """The registered task, or a stand-in of the app's base class for a name that this

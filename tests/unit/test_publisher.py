@@ -41,3 +41,55 @@ def test_the_first_message_to_each_queue_declares_it(conveyor_app: Any) -> None:
         assert channel.queue_declare("priority", passive=True).message_count == 1
         channel.queue_purge("priority")
         channel.queue_purge("batch")
+
+
+def test_a_routed_message_is_the_message_apply_async_sends(conveyor_app: Any) -> None:
+    from core.publisher import route
+
+    # Given the same task and arguments, published once through apply_async and once along
+    # the task's worked-out route (as the outbox relay does), to a queue nobody consumes
+    routed = route(conveyor_app, worker_tasks.add, "priority")
+    assert routed is not None
+    with ConfirmedPublisher(conveyor_app, timeout=20) as publisher:
+        publisher.send(
+            worker_tasks.add,
+            [1, 2],
+            "full-path",
+            "[1, 2]",
+            queue="priority",
+            ignore_result=bool(worker_tasks.add.ignore_result),
+        )
+        publisher.send_routed(routed, "routed-path", [1, 2], {}, "[1, 2]", "{}")
+    with conveyor_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        full = channel.basic_get("priority", no_ack=True)
+        fast = channel.basic_get("priority", no_ack=True)
+        assert channel.basic_get("priority", no_ack=True) is None
+    # Then a worker gets the same message from both, apart from the task id
+    assert full.headers["id"] == "full-path"
+    assert fast.headers["id"] == "routed-path"
+    per_task = {"id", "root_id"}
+    assert {k: v for k, v in fast.headers.items() if k not in per_task} == {
+        k: v for k, v in full.headers.items() if k not in per_task
+    }
+    # (a top-level task is its own root in both)
+    assert (full.headers["root_id"], fast.headers["root_id"]) in {
+        ("full-path", "routed-path"),
+        (None, None),
+    }
+    assert fast.body == full.body
+    for name in ("content_type", "content_encoding", "delivery_mode", "priority", "reply_to"):
+        assert fast.properties.get(name) == full.properties.get(name), name
+    assert fast.properties["correlation_id"] == "routed-path"
+    assert fast.delivery_info["exchange"] == full.delivery_info["exchange"]
+    assert fast.delivery_info["routing_key"] == full.delivery_info["routing_key"]
+
+
+def test_a_task_whose_options_change_per_call_has_no_fixed_route(conveyor_app: Any) -> None:
+    from core.publisher import route
+
+    @conveyor_app.task(name="tests.expiring", expires=60, shared=False)
+    def expiring() -> None: ...
+
+    assert route(conveyor_app, expiring, "default") is None
+    assert route(conveyor_app, worker_tasks.add, "default") is not None
