@@ -21,6 +21,7 @@ from core.config import (
     broker_tls,
     broker_urls,
     env,
+    one_of,
     optional_secret,
     secret,
 )
@@ -172,8 +173,14 @@ worker_max_memory_per_child = 512_000
 #: compose.yaml's stop_grace_period is longer.
 worker_soft_shutdown_timeout = 20.0
 worker_enable_soft_shutdown_on_idle = True
-#: Conveyor configures logging itself (workers/logs.py).
+#: Conveyor configures logging itself (workers/logs.py), in one of two formats: json for log
+#: shippers (the container image sets it), keyvalue for people. A bad value stops every command
+#: with one line here, not a traceback from the logging setup.
 worker_hijack_root_logger = False
+conveyor_log_format: str = one_of("CONVEYOR_LOG_FORMAT", "keyvalue", ("json", "keyvalue"))
+conveyor_log_level: str = one_of(
+    "CONVEYOR_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+)
 
 # --- Results -----------------------------------------------------------------------------------
 result_expires = 86_400  # 1 day; results are for reading back, not for keeping

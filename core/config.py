@@ -176,6 +176,20 @@ def _nullable(parser: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_or_null
 
 
+def one_of(
+    name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] = os.environ
+) -> str:
+    """Variable `name`, one of `choices` in any case (given back as spelled there); `default`
+    when unset or empty."""
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    for choice in choices:
+        if raw.strip().lower() == choice.lower():
+            return choice
+    raise ConfigurationError(f"{name}={raw!r} is refused: not one of {', '.join(choices)}")
+
+
 def env(name: str, default: Any, environ: Mapping[str, str] = os.environ) -> Any:
     """Variable `name` parsed to the type of `default`; `default` when unset or empty."""
     raw = environ.get(name)

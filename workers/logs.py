@@ -13,7 +13,7 @@ import logging.config
 import os
 from typing import Any
 
-from celery import signals
+from celery import current_app, signals
 from celery._state import get_current_task
 from pythonjsonlogger.json import JsonFormatter
 
@@ -113,8 +113,10 @@ def configure(loglevel: str | int | None = None, log_format: str | None = None) 
 
 
 def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
-    # Connecting to setup_logging tells Celery not to configure logging itself.
-    configure(loglevel)
+    # Connecting to setup_logging tells Celery not to configure logging itself. The format is
+    # the app's setting: celeryconfig has already refused a bad CONVEYOR_LOG_FORMAT in one line.
+    conf = current_app.conf
+    configure(loglevel or conf.get("conveyor_log_level"), conf.get("conveyor_log_format"))
 
 
 def connect() -> None:

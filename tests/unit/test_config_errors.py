@@ -40,11 +40,12 @@ def clean_env(**variables: str) -> dict[str, str]:
 
 
 def bad_settings(tmp_path: Path) -> list[tuple[dict[str, str], str]]:
-    """(environment, what the one line must say) for the issue's three cases."""
+    """(environment, what the one line must say): the issue's three cases and a bad choice."""
     return [
         ({"CELERY_BROKER_URL": ""}, "CELERY_BROKER_URL is set but empty"),
         ({"CELERY_BROKER_URL_FILE": str(tmp_path / "absent")}, "CELERY_BROKER_URL_FILE="),
         ({"CELERY_TASK_TIME_LIMIT": "abc"}, "CELERY_TASK_TIME_LIMIT='abc' is refused"),
+        ({"CONVEYOR_LOG_FORMAT": "xml"}, "CONVEYOR_LOG_FORMAT='xml' is refused"),
     ]
 
 
@@ -82,7 +83,7 @@ def test_every_command_reports_a_bad_setting_as_one_line_with_status_2(tmp_path:
         assert "Traceback" not in err + out, command
 
 
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(4))
 def test_a_web_app_importing_tasks_gets_a_configuration_error(case: int, tmp_path: Path) -> None:
     variables, expected = bad_settings(tmp_path)[case]
     code = (
