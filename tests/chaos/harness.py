@@ -85,29 +85,43 @@ class Producer:
         assert not self._thread.is_alive(), "producer still publishing"
         return self
 
+    def finished(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def probe(self) -> None:
+        """Publish one more task after the run (count grows by one): a fault healed after the
+        last publish still gets a task that starts after it, to show consuming resumed."""
+        assert self.finished(), "probe only after the producer's own run"
+        self._publish(self.count)
+        self.count += 1
+
     def _run(self) -> None:
         pause = self.spread / max(self.count - self.burst, 1)
         for i in range(self.count):
-            task_id = str(uuid.uuid4())
-            first_try = time.monotonic()
-            while True:
-                started = time.monotonic()
-                try:
-                    self.task.apply_async(self.args(i), task_id=task_id)
-                except Exception as exc:
-                    self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
-                    self.indeterminate[task_id] = self.indeterminate.get(task_id, 0) + 1
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    if time.monotonic() - first_try > self.give_up_after:
-                        self.unpublished.append(task_id)
-                        break
-                    time.sleep(0.2)
-                    continue
-                self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
-                self.ok.append(task_id)
-                break
+            self._publish(i)
             if i >= self.burst:
                 time.sleep(pause)
+
+    def _publish(self, i: int) -> None:
+        """Publish task `i` under a new id until it is confirmed or `give_up_after` passes."""
+        task_id = str(uuid.uuid4())
+        first_try = time.monotonic()
+        while True:
+            started = time.monotonic()
+            try:
+                self.task.apply_async(self.args(i), task_id=task_id)
+            except Exception as exc:
+                self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
+                self.indeterminate[task_id] = self.indeterminate.get(task_id, 0) + 1
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if time.monotonic() - first_try > self.give_up_after:
+                    self.unpublished.append(task_id)
+                    return
+                time.sleep(0.2)
+                continue
+            self.slowest_publish = max(self.slowest_publish, time.monotonic() - started)
+            self.ok.append(task_id)
+            return
 
 
 @dataclass

@@ -58,13 +58,18 @@ def repeat(times: int, every: float, action: Any, producer: Producer) -> list[fl
     """Inject `action` `times` times, `every` seconds apart, while the producer is publishing.
 
     `action` injects the fault and undoes it; returns the wall-clock time of each heal (when
-    the action returned), from which `check` measures the time to recover.
+    the action returned), from which `check` measures the time to recover. A heal that comes
+    after the producer's last publish gets a probe task (Producer.probe).
     """
     heals = []
     for _ in range(times):
         time.sleep(every)
         action()
         heals.append(time.time())
+        if producer.finished():
+            # The fault outlasted the publishing (a rabbitmqctl call takes seconds on a loaded
+            # machine): one task published now shows whether consuming resumed after this heal.
+            producer.probe()
     return heals
 
 
