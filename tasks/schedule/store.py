@@ -18,6 +18,7 @@ from celery import Celery
 from redbeat.schedulers import RedBeatSchedulerEntry, ensure_conf, get_redis
 
 from core.clock import iso
+from tasks.base import InvalidArguments, check_publishable
 from tasks.schedule.entries import ENTRIES, EntrySpec, InvalidEntry
 from tasks.schedule.scheduler import CONVEYOR_FIELD, entry_metadata
 
@@ -65,21 +66,26 @@ def validate(app: Celery, spec: EntrySpec) -> None:
             raise InvalidEntry(
                 f"unknown queue {spec.queue!r}; declared queues: {', '.join(sorted(declared))}"
             )
-    try:
-        json.dumps([list(spec.args), spec.kwargs])
-    except (TypeError, ValueError) as exc:
-        raise InvalidEntry(f"args and kwargs must be JSON-serialisable: {exc}") from exc
-    _check_signature(app.tasks[spec.task], spec)
+    _check_arguments(app.tasks[spec.task], spec)
 
 
-def _check_signature(task: Any, spec: EntrySpec) -> None:
-    """Refuse arguments the task's function cannot take: every run would fail with TypeError."""
-    # task.run is the function as the worker calls it (a bound task's `self` already bound).
+def _check_arguments(task: Any, spec: EntrySpec) -> None:
+    """Refuse arguments every run would fail on, once here instead of at every fire: the
+    checks apply_async makes before a publish (tasks.base.check_publishable: the signature,
+    JSON, the size limit, the task's own validate_arguments)."""
+    # The signature first, in inspect's words: they name the parameters as the task's author
+    # wrote them, where Celery's check counts a bound task's `self` ("takes 2 positional
+    # arguments but 3 were given" for one argument too many). task.run is the function as the
+    # worker calls it.
     signature = inspect.signature(task.run)
     try:
         signature.bind(*spec.args, **spec.kwargs)
     except TypeError as exc:
         raise InvalidEntry(f"arguments do not match {spec.task}{signature}: {exc}") from None
+    try:
+        check_publishable(task, list(spec.args), dict(spec.kwargs))
+    except InvalidArguments as exc:
+        raise InvalidEntry(str(exc)) from None
 
 
 def _key(app: Celery, name: str) -> str:

@@ -109,3 +109,17 @@ def test_code_entries_are_installed_with_their_reason_and_stay_paused_across_bea
             store.update(schedule_app, "queue-health", every=5)
     finally:
         schedule_app.conf.conveyor_beat_builtin_entries = builtin
+
+
+def test_arguments_apply_async_would_refuse_are_refused_before_storing(
+    schedule_app: Any,
+) -> None:
+    # Arguments that bind but that no publish would take (over the size limit): every fire
+    # would fail, so the entry is refused with apply_async's own reason.
+    limit = int(schedule_app.conf.conveyor_max_argument_bytes)
+    with pytest.raises(InvalidEntry, match="conveyor_max_argument_bytes"):
+        store.add(schedule_app, spec(name="too-large", args=("x" * limit,)))
+    with pytest.raises(store.EntryNotFound):
+        store.get(schedule_app, "too-large")
+
+
