@@ -70,10 +70,10 @@ class Route:
     options: dict[str, Any]
 
 
-def route(app: Any, task: Any, queue: str) -> Route | None:
-    """The Route of `task` to `queue`, as send_task would compute it for an immediate publish;
-    None when a message needs the full path: a task whose `expires` or shadow name is worked
-    out per call."""
+def route(app: Any, task: Any, queue: str | None = None) -> Route | None:
+    """The Route of `task` to `queue` (None: where the router sends it), as send_task would
+    compute it for an immediate publish; None when a message needs the full path: a task whose
+    `expires` or shadow name is worked out per call."""
     if getattr(task, "expires", None) is not None:
         return None
     if getattr(task.shadow_name, "__func__", None) is not celery.Task.shadow_name:
@@ -84,7 +84,9 @@ def route(app: Any, task: Any, queue: str) -> Route | None:
     time_limit = options.pop("time_limit", None)
     soft_time_limit = options.pop("soft_time_limit", None)
     options.pop("expires", None)
-    options = app.amqp.router.route({**options, "queue": queue}, task.name, (), {}, task)
+    if queue is not None:
+        options["queue"] = queue
+    options = app.amqp.router.route(options, task.name, (), {}, task)
     return Route(task.name, time_limit, soft_time_limit, bool(task.ignore_result), options)
 
 
@@ -99,6 +101,9 @@ class ConfirmedPublisher:
         self._unconfirmed: set[int] = set()
         self._nacked = 0
         self._declared: set[str] = set()
+        self._write_timeout = float(app.conf.conveyor_publish_timeout)
+        # The producer role may not declare (conveyor_declare_on_publish, tasks.base).
+        self._declare = bool(app.conf.conveyor_declare_on_publish)
         # The app's broker settings (URL, TLS, login, timeouts) with confirms switched to this
         # class's own handling. Heartbeats would need a thread to answer them while a slow
         # input is read; without them a dead broker still shows, as a failing publish or a
@@ -208,9 +213,13 @@ class ConfirmedPublisher:
             self.producer,
             route.name,
             message,
-            declare=[] if queue in self._declared else None,
+            # None: Celery declares the queue (the first message of each, as send does).
+            declare=None if self._declare and queue not in self._declared else [],
             retry=False,
             event_dispatcher=self.events,
+            # As apply_async's (tasks.base.publish_options): a broker that stops reading (a
+            # memory alarm) fails the socket write within this, instead of blocking it forever.
+            timeout=self._write_timeout,
             **options,
         )
         self._declared.add(queue)

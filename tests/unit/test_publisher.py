@@ -93,3 +93,29 @@ def test_a_task_whose_options_change_per_call_has_no_fixed_route(conveyor_app: A
 
     assert route(conveyor_app, expiring, "default") is None
     assert route(conveyor_app, worker_tasks.add, "default") is not None
+
+
+def test_a_routed_publish_declares_nothing_when_declaring_on_publish_is_off(
+    conveyor_app: Any,
+) -> None:
+    from amqp.exceptions import NotFound
+
+    from core.publisher import route
+
+    # Given the producer role's setting (it may not declare) and a queue that does not exist
+    routed = route(conveyor_app, worker_tasks.add, "priority")
+    assert routed is not None
+    with conveyor_app.connection_for_write() as connection:
+        connection.default_channel.queue_delete("priority")
+    conveyor_app.conf.conveyor_declare_on_publish = False
+    try:
+        # When a routed message is published
+        with ConfirmedPublisher(conveyor_app, timeout=20) as publisher:
+            publisher.send_routed(routed, "undeclared", [1, 1], {}, "[1, 1]", "{}")
+    finally:
+        conveyor_app.conf.conveyor_declare_on_publish = True
+    # Then the queue was not declared for it (the message went to the unroutable exchange)
+    with conveyor_app.connection_for_write() as connection, pytest.raises(NotFound):
+        connection.default_channel.queue_declare("priority", passive=True)
+    with conveyor_app.connection_for_write() as connection:
+        conveyor_app.amqp.queues["priority"](connection.default_channel).declare()
