@@ -17,6 +17,7 @@ import redis.exceptions
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 
+from core import forks
 from core.dead_letters import RetriesExhausted
 from core.events import sent_events
 from core.publisher import typed_broker_errors
@@ -347,6 +348,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         **options: Any,
     ) -> Any:
         check_publishable(self, args, kwargs)
+        forks.track(self.app)
         options = publish_options(
             options,
             publish_timeout=float(self.app.conf.conveyor_publish_timeout),

@@ -113,14 +113,57 @@ def test_a_forked_child_uses_and_closes_connections_of_its_own(
     stock = fork_after_use(rabbit, new_vhost(), STOCK_TASK)
     conveyor = fork_after_use(rabbit, new_vhost(), CONVEYOR_TASK, stock)
 
-    # Then the parent had its pooled and its sent-events connection, the child's close left no
-    # more of its own open than stock Celery's, the parent's stayed up through the child's
-    # close and exit, and closing the parent leaves no more than stock Celery
+    # Then the parent had its pooled and its sent-events connection; the child's close left no
+    # more of its own open than a stock Celery app's close leaves (Celery's close leaves its
+    # pool's connection to process exit; a stock child leaves none only because it published
+    # on its parent's socket, which Conveyor's child does not: core/forks.py); the parent's
+    # stayed up through the child's close and exit; and closing the parent leaves no more
+    # than stock Celery
     assert conveyor["parent"] == 2
-    assert conveyor["child"] <= stock["child"]
+    assert conveyor["child"] <= stock["closed"]
     assert conveyor["after_child"] == conveyor["parent"]
     assert conveyor["closed"] <= stock["closed"]
     assert set(threading.enumerate()) <= threads_before
+
+
+def test_a_plain_fork_child_publishes_on_a_connection_of_its_own(
+    rabbit: RabbitNode, new_vhost: Callable[[], str]
+) -> None:
+    # Given a parent whose app has published (its pool holds a connection), as a web server
+    # that loads the app before forking its workers (gunicorn --preload) may have
+    app = app_for(new_vhost(), CONVEYOR_TASK)
+    app.tasks["hygiene.noop"].delay()
+    parent_port = pooled_port(app)
+    # When a plain os.fork() child publishes
+    port_r, port_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            app.tasks["hygiene.noop"].delay()
+            os.write(port_w, str(pooled_port(app)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        child_port = int(os.read(port_r, 16))
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(port_r)
+        os.close(port_w)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # Then it did so on a connection of its own, not on the parent's socket, and the
+    # parent's connection still works
+    assert child_port != parent_port
+    app.tasks["hygiene.noop"].delay()
+    assert pooled_port(app) == parent_port
+    app.close()
+
+
+def pooled_port(app: Celery) -> int:
+    """The local port of the connection the app's producer pool publishes on."""
+    with app.producer_or_acquire() as producer:
+        return int(producer.connection.connection.transport.sock.getsockname()[1])
 
 
 def fork_after_use(
@@ -132,7 +175,7 @@ def fork_after_use(
     app.tasks["hygiene.noop"].delay()
     parent = connections(rabbit, url)
     # When a child forked from it sends a task, closes the app and exits as a web worker does
-    bound = None if stock is None else parent + stock["child"]
+    bound = None if stock is None else parent + stock["closed"]
     child = fork_and_wait(rabbit, url, app, bound) - parent
     after_child = connections(rabbit, url, at_most=parent)
     # and the parent sends again, then closes its app

@@ -121,5 +121,3 @@ def test_arguments_apply_async_would_refuse_are_refused_before_storing(
         store.add(schedule_app, spec(name="too-large", args=("x" * limit,)))
     with pytest.raises(store.EntryNotFound):
         store.get(schedule_app, "too-large")
-
-
