@@ -1,5 +1,9 @@
 """Worker logging: every line written inside a task carries the task's id, name and queue.
 
+Every line, its traceback included, has URL passwords and ``secret=value`` pairs masked
+(core.redaction): an exception that quotes a connection URL does not put its password in the
+log shipper.
+
 One variable chooses the format: ``CONVEYOR_LOG_FORMAT=json`` (one JSON object per line, the
 default in the container image, for log shippers) or ``keyvalue`` (readable ``key=value``
 lines, the default elsewhere). Both carry the same fields: task_id, task_name, queue, retries
@@ -16,6 +20,8 @@ from typing import Any
 from celery import current_app, signals
 from celery._state import get_current_task
 from pythonjsonlogger.json import JsonFormatter
+
+from core.redaction import redact_text
 
 #: The task fields, in the order a key=value line shows them.
 TASK_FIELDS = ("task_id", "task_name", "queue", "retries", "batch_id")
@@ -71,12 +77,19 @@ class KeyValueFormatter(logging.Formatter):
                 setattr(record, key, "-")
         batch_id = record.__dict__.get("batch_id")
         record.batch_part = f"batch_id={batch_id} " if batch_id not in (None, "-") else ""
-        return super().format(record)
+        return redact_text(super().format(record))
+
+
+class RedactedJsonFormatter(JsonFormatter):
+    """JsonFormatter whose lines have URL passwords and ``secret=value`` pairs masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def json_formatter() -> JsonFormatter:
     """One JSON object per line; task fields appear only on lines written inside a task."""
-    return JsonFormatter(
+    return RedactedJsonFormatter(
         JSON_FIELDS,
         rename_fields={
             "asctime": "time",

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from kombu import Queue
@@ -96,6 +97,20 @@ def test_a_key_value_line_has_dashes_outside_a_task_and_a_batch_only_when_there_
     inside = formatter.format(_record(task_id="t-1", task_name="n", queue="q", retries=0,
                                       batch_id="b-1"))  # fmt: skip
     assert "task_id=t-1 task_name=n queue=q retries=0 batch_id=b-1 hello world" in inside
+
+
+@pytest.mark.parametrize("formatter", [logs.KeyValueFormatter, logs.json_formatter])
+def test_log_lines_and_their_tracebacks_have_passwords_masked(formatter: Any) -> None:
+    try:
+        raise ConnectionError("cannot reach redis://:hunter2@cache:6379/0 (password=hunter2)")
+    except ConnectionError:
+        record = logging.LogRecord(
+            "tasks.x", logging.ERROR, __file__, 1, "broker %s", ("amqp://app:s3cret@mq//",),
+            sys.exc_info(),
+        )  # fmt: skip
+    line = formatter().format(record)
+    assert "hunter2" not in line and "s3cret" not in line
+    assert "amqp://app:********@mq//" in line and "Traceback" in line
 
 
 def test_one_variable_chooses_the_log_format(monkeypatch: pytest.MonkeyPatch) -> None:

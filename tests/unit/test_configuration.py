@@ -252,7 +252,7 @@ PROBES: dict[str, tuple[dict[str, str], Callable[[Celery], Any], Any]] = {
     "CONVEYOR_LOG_FORMAT": (
         {"CONVEYOR_LOG_FORMAT": "json"},
         outside(lambda: root_logging()[1]),
-        "JsonFormatter",
+        "RedactedJsonFormatter",
     ),
     "CONVEYOR_SCHEDULE_REDIS_URL": (
         {"CONVEYOR_SCHEDULE_REDIS_URL": "redis://s:6379/5"},
