@@ -20,7 +20,8 @@ from typing import Any
 from celery.utils import uuid
 from kombu.exceptions import OperationalError
 
-from core.publisher import ConfirmedPublisher, typed_broker_errors
+from core.publisher import ConfirmedPublisher, route, typed_broker_errors
+from tasks.base import check_publishable
 
 
 class BulkEnqueueError(Exception):
@@ -93,11 +94,25 @@ def _publish_calls(
     ids: list[str],
     options: dict[str, Any],
 ) -> Exception | None:
-    """Publish each call, adding its id to `ids`; returns the error of a refused call, if any."""
+    """Publish each call, adding its id to `ids`; returns the error of a refused call, if any.
+
+    Without options beyond a queue, and outside a running task, every message goes along the
+    task's route, worked out once (core.publisher.route: the message apply_async would send,
+    without its per-call work). Other options (countdown, priority...) take the full
+    apply_async path per call, and so does a call from inside a task, whose messages carry
+    their parent's ids (send_task reads them from the running task).
+    """
+    routed = None
+    if set(options) <= {"queue"} and task.app.current_worker_task is None:
+        routed = route(task.app, task, options.get("queue"))
     for args in calls:
         task_id = uuid()
         ids.append(task_id)
         try:
+            if routed is not None:
+                check_publishable(task, list(args), {})
+                publisher.send_routed(routed, task_id, list(args), {}, repr(tuple(args)), "{}")
+                continue
             publisher.send(
                 task,
                 list(args),
