@@ -123,41 +123,11 @@ def test_a_forked_child_uses_and_closes_connections_of_its_own(
     assert conveyor["child"] <= stock["closed"]
     assert conveyor["after_child"] == conveyor["parent"]
     assert conveyor["closed"] <= stock["closed"]
+    # and the child published on a connection of its own (core/forks.py), not on the socket
+    # of its parent's pool, which the parent still publishes on afterwards (gunicorn --preload)
+    assert conveyor["child_port"] != conveyor["parent_port"]
+    assert conveyor["parent_port_after"] == conveyor["parent_port"]
     assert set(threading.enumerate()) <= threads_before
-
-
-def test_a_plain_fork_child_publishes_on_a_connection_of_its_own(
-    rabbit: RabbitNode, new_vhost: Callable[[], str]
-) -> None:
-    # Given a parent whose app has published (its pool holds a connection), as a web server
-    # that loads the app before forking its workers (gunicorn --preload) may have
-    app = app_for(new_vhost(), CONVEYOR_TASK)
-    app.tasks["hygiene.noop"].delay()
-    parent_port = pooled_port(app)
-    # When a plain os.fork() child publishes
-    port_r, port_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        code = 1
-        try:
-            app.tasks["hygiene.noop"].delay()
-            os.write(port_w, str(pooled_port(app)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    try:
-        child_port = int(os.read(port_r, 16))
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(port_r)
-        os.close(port_w)
-    assert os.waitstatus_to_exitcode(status) == 0
-    # Then it did so on a connection of its own, not on the parent's socket, and the
-    # parent's connection still works
-    assert child_port != parent_port
-    app.tasks["hygiene.noop"].delay()
-    assert pooled_port(app) == parent_port
-    app.close()
 
 
 def pooled_port(app: Celery) -> int:
@@ -174,23 +144,36 @@ def fork_after_use(
     app = app_for(url, task_cls)
     app.tasks["hygiene.noop"].delay()
     parent = connections(rabbit, url)
+    parent_port = pooled_port(app)
     # When a child forked from it sends a task, closes the app and exits as a web worker does
     bound = None if stock is None else parent + stock["closed"]
-    child = fork_and_wait(rabbit, url, app, bound) - parent
+    in_child, child_port = fork_and_wait(rabbit, url, app, bound)
     after_child = connections(rabbit, url, at_most=parent)
     # and the parent sends again, then closes its app
     app.tasks["hygiene.noop"].delay()
     if task_cls == CONVEYOR_TASK:
         sent_events(app).flush()  # logs a drop instead if its connection was lost
         assert connections(rabbit, url) == after_child
+    parent_port_after = pooled_port(app)
     app.close()
     closed = connections(rabbit, url, at_most=None if stock is None else stock["closed"])
-    return {"parent": parent, "child": child, "after_child": after_child, "closed": closed}
+    return {
+        "parent": parent,
+        "child": in_child - parent,
+        "after_child": after_child,
+        "closed": closed,
+        "parent_port": parent_port,
+        "child_port": child_port,
+        "parent_port_after": parent_port_after,
+    }
 
 
-def fork_and_wait(rabbit: RabbitNode, url: str, app: Celery, at_most: int | None) -> int:
+def fork_and_wait(
+    rabbit: RabbitNode, url: str, app: Celery, at_most: int | None
+) -> tuple[int, int]:
     """Fork; the child sends a task with `app`, closes it and waits; the parent counts the
-    vhost's connections, then lets the child run its exit handlers and exit. Returns the count."""
+    vhost's connections, then lets the child run its exit handlers and exit. Returns the count
+    and the local port of the connection the child published on."""
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -198,9 +181,10 @@ def fork_and_wait(rabbit: RabbitNode, url: str, app: Celery, at_most: int | None
         code = 1
         try:
             app.tasks["hygiene.noop"].delay()
+            port = pooled_port(app)
             app.close()
             gc.collect()
-            os.write(ready_w, b"1")
+            os.write(ready_w, str(port).encode())
             os.read(go_r, 1)
             import atexit
 
@@ -209,8 +193,9 @@ def fork_and_wait(rabbit: RabbitNode, url: str, app: Celery, at_most: int | None
         finally:
             os._exit(code)
     try:
-        assert os.read(ready_r, 1) == b"1", "the child failed before closing its app"
-        return connections(rabbit, url, at_most)
+        port = os.read(ready_r, 16)
+        assert port, "the child failed before closing its app"
+        return connections(rabbit, url, at_most), int(port)
     finally:
         os.write(go_w, b"1")
         _, status = os.waitpid(pid, 0)
