@@ -180,9 +180,9 @@ class Relay:
         now = datetime.now(UTC)
         for _id, task_id, name, args, kwargs, eta in rows:
             task = self.task(name)
-            route = self.route(task, queue) if eta is None or eta <= now else None
-            if route is not None:
-                publisher.send_routed(route, task_id, loads(args), loads(kwargs), args, kwargs)
+            routed = self.route(task, queue) if eta is None or eta <= now else None
+            if routed is not None:
+                publisher.send_routed(routed, task_id, loads(args), loads(kwargs), args, kwargs)
                 continue
             publisher.send(
                 task,

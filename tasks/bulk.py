@@ -108,16 +108,17 @@ def _publish_calls(
     for args in calls:
         task_id = uuid()
         ids.append(task_id)
+        arguments, shown = list(args), repr(tuple(args))
         try:
             if routed is not None:
-                check_publishable(task, list(args), {})
-                publisher.send_routed(routed, task_id, list(args), {}, repr(tuple(args)), "{}")
+                check_publishable(task, arguments, {})
+                publisher.send_routed(routed, task_id, arguments, {}, shown, "{}")
                 continue
             publisher.send(
                 task,
-                list(args),
+                arguments,
                 task_id,
-                repr(tuple(args)),
+                shown,
                 ignore_result=bool(task.ignore_result),
                 **options,
             )
