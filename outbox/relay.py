@@ -3,11 +3,12 @@
 Order. Each queue's rows are published in id order by one relay at a time: a relay takes the
 queue's transaction-scoped advisory lock with ``pg_try_advisory_xact_lock`` (never waiting; a
 queue another relay holds is skipped), reads up to ``batch_size`` waiting rows ``FOR UPDATE
-SKIP LOCKED``, publishes them through one confirmed channel, waits for every confirm, marks them
-published and commits. Rows of one connection's transactions carry increasing ids (identity
-values are taken in statement order, and a later transaction starts after the earlier one
-committed), so per queue they go out in commit order. Several relays share the work queue by
-queue; none ever waits for another.
+SKIP LOCKED``, publishes them through one confirmed channel, marks them published in the same
+open transaction while the broker's confirms come in, and commits only once every confirm is in
+(a nack or a confirm timeout rolls the marks back). Rows of one connection's transactions carry
+increasing ids (identity values are taken in statement order, and a later transaction starts
+after the earlier one committed), so per queue they go out in commit order. Several relays
+share the work queue by queue; none ever waits for another.
 
 Crashes. A relay killed mid-batch holds its row locks and the queue's lock only inside its
 open transaction: PostgreSQL rolls it back when the connection drops, and the next relay to
@@ -162,15 +163,17 @@ class Relay:
                 rows = db.execute(CLAIM, (queue, self.settings.batch_size)).fetchall()
                 if rows:
                     self.publish(queue, rows)
+                    # Marked while the confirms come in; committed only after the last one.
                     db.execute(MARK, ([row[0] for row in rows],))
                     db.execute(COUNT, (f"published:{queue}", len(rows)))
+                    self.publisher().wait(0)
                 return len(rows)
         except RETRIED:
             self.count_failure(queue)
             raise
 
     def publish(self, queue: str, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Send every row, then wait until the broker confirmed them all.
+        """Send every row, and flush them to the broker; the caller waits for the confirms.
 
         A row due now goes along its task's worked-out Route (core.publisher.send_routed);
         a row with a future eta, or a task whose options are worked out per call, takes the
@@ -195,7 +198,7 @@ class Relay:
                 eta=eta,
                 ignore_result=bool(task.ignore_result),
             )
-        publisher.wait(0)
+        publisher.flush()
 
     def route(self, task: Any, queue: str) -> Route | None:
         key = (task.name, queue)

@@ -162,6 +162,10 @@ class RabbitNode:
     def ctl(self, *args: str) -> str:
         return self.executor.rabbitctl_output("-n", self.node_name, *args)
 
+    def set_memory_watermark(self, fraction: float) -> None:
+        """0 raises the memory alarm at once (every publisher is blocked); 0.4 clears it."""
+        self.ctl("set_vm_memory_high_watermark", str(fraction))
+
     def queues(self) -> dict[str, dict[str, Any]]:
         """name -> {"type", "arguments", "messages"} from rabbitmqctl."""
         import json
@@ -388,10 +392,6 @@ class ChaosRabbitNode(RabbitNode):
     @staticmethod
     def thaw(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
-
-    def set_memory_watermark(self, fraction: float) -> None:
-        """0 raises the memory alarm at once (every publisher is blocked); 0.4 clears it."""
-        self.ctl("set_vm_memory_high_watermark", str(fraction))
 
     def message_counts(self) -> dict[str, int]:
         return {name: int(row["messages"] or 0) for name, row in self.queues().items()}

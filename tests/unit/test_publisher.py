@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+import time
 from typing import Any
 
 import pytest
 
-from core.publisher import ConfirmedPublisher
+from core.publisher import BrokerError, ConfirmedPublisher, route
 from tests import worker_tasks
+from tests.infra import RabbitNode, require
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +123,55 @@ def test_a_routed_publish_declares_nothing_when_declaring_on_publish_is_off(
         connection.default_channel.queue_declare("priority", passive=True)
     with conveyor_app.connection_for_write() as connection:
         conveyor_app.amqp.queues["priority"](connection.default_channel).declare()
+
+
+def test_sends_leave_in_full_segments_and_a_broker_that_stops_reading_fails_the_write(
+    conveyor_app: Any, rabbit: RabbitNode, broker_url: str
+) -> None:
+    require(broker_url == rabbit.url, "needs the suite's private node (CELERY_BROKER_URL is set)")
+    routed = route(conveyor_app, worker_tasks.add, "priority")  # a queue nobody consumes
+    assert routed is not None
+    timeout = conveyor_app.conf.conveyor_publish_timeout
+    conveyor_app.conf.conveyor_publish_timeout = 2.0
+    try:
+        publisher = ConfirmedPublisher(conveyor_app, timeout=20)
+    finally:
+        conveyor_app.conf.conveyor_publish_timeout = timeout
+    sock = publisher._socket
+    try:
+        # Given a publisher: its socket's writes are bounded by conveyor_publish_timeout
+        seconds, microseconds = struct.unpack(
+            "ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
+        )
+        assert seconds + microseconds / 1e6 == pytest.approx(2.0)
+        # When it sends the first message to a queue, which declares the queue (a round trip),
+        # the socket is not corked: the declare would wait for the kernel's 200 ms
+        publisher.send_routed(routed, "declaring", [1, 1], {}, "[1, 1]", "{}")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        # When it sends the next, the kernel holds the message for a full segment (Linux) ...
+        publisher.send_routed(routed, "corked", [1, 1], {}, "[1, 1]", "{}")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+        # ... and waiting for the confirm sends it first, so the confirm comes
+        publisher.wait(0)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        assert publisher._unconfirmed == set()
+
+        # When the broker stops reading (a memory alarm blocks every publisher) while
+        # messages far larger than the socket buffers are sent
+        rabbit.set_memory_watermark(0)
+        big = "x" * 1_000_000
+        started = time.monotonic()
+        try:
+            with pytest.raises(BrokerError) as refused:
+                for n in range(200):
+                    publisher.send_routed(routed, f"blocked-{n}", [big], {}, "[big]", "{}")
+        finally:
+            rabbit.set_memory_watermark(0.4)
+        # Then a socket write failed within the bound, as a typed broker error (not the
+        # 20 s confirm timeout, and not a publish blocked until the alarm clears)
+        assert "basic_publish: timed out" in str(refused.value), refused.value
+        assert time.monotonic() - started < 15
+    finally:
+        publisher.connection.release()
+    with conveyor_app.connection_for_write() as connection:
+        connection.default_channel.queue_purge("priority")
