@@ -24,15 +24,17 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json import JSONDecoder
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from celery.exceptions import NotRegistered
 from kombu.exceptions import OperationalError
-from kombu.utils.json import loads
+from kombu.utils.json import object_hook
 
 from core.publisher import ConfirmedPublisher, PublishError, Route, route
 from tasks.outbox import CHANNEL, TABLE
@@ -72,6 +74,9 @@ DELETE FROM {TABLE} WHERE id IN (
 """
 #: Touched every loop: `python -m workers.health live --node outbox-relay` probes it.
 LIVE_FILE = probe_path("outbox-relay", "live")
+#: kombu's JSON loads with its type hook (datetimes, UUIDs... as Celery's serializer wrote them),
+#: built once: kombu.utils.json.loads builds a new decoder on every call.
+loads = JSONDecoder(object_hook=object_hook).decode
 #: What the relay waits out and tries again: the broker or the database away.
 RETRIED = (OperationalError, PublishError, ConnectionError, TimeoutError, psycopg.OperationalError)
 
@@ -123,6 +128,7 @@ class Relay:
         self._publisher: ConfirmedPublisher | None = None
         self._tasks: dict[str, Any] = {}
         self._routes: dict[tuple[str, str], Route | None] = {}
+        self._marker = ThreadPoolExecutor(1, thread_name_prefix="conveyor-outbox-mark")
         self._last_cleanup = 0.0
 
     def run(self) -> None:
@@ -162,15 +168,27 @@ class Relay:
                     return 0  # another relay is publishing this queue
                 rows = db.execute(CLAIM, (queue, self.settings.batch_size)).fetchall()
                 if rows:
-                    self.publish(queue, rows)
-                    # Marked while the confirms come in; committed only after the last one.
-                    db.execute(MARK, ([row[0] for row in rows],))
-                    db.execute(COUNT, (f"published:{queue}", len(rows)))
+                    # PostgreSQL marks the rows (on the marker thread, which waits with the
+                    # GIL released) while this thread publishes them; the marks are committed
+                    # only after the last confirm.
+                    marking = self._marker.submit(self.mark, db, queue, [row[0] for row in rows])
+                    try:
+                        self.publish(queue, rows)
+                    finally:
+                        marked = marking.result()  # the connection is free again
                     self.publisher().wait(0)
-                return len(rows)
+                    return marked
+                return 0
         except RETRIED:
             self.count_failure(queue)
             raise
+
+    @staticmethod
+    def mark(db: psycopg.Connection[Any], queue: str, ids: list[int]) -> int:
+        """Mark the rows published and count them, in the caller's open transaction."""
+        db.execute(MARK, (ids,))
+        db.execute(COUNT, (f"published:{queue}", len(ids)))
+        return len(ids)
 
     def publish(self, queue: str, rows: Iterable[tuple[Any, ...]]) -> None:
         """Send every row, and flush them to the broker; the caller waits for the confirms.
