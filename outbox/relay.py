@@ -3,9 +3,9 @@
 Order. Each queue's rows are published in id order by one relay at a time: a relay takes the
 queue's transaction-scoped advisory lock with ``pg_try_advisory_xact_lock`` (never waiting; a
 queue another relay holds is skipped), reads up to ``batch_size`` waiting rows ``FOR UPDATE
-SKIP LOCKED``, publishes them through one confirmed channel, marks them published in the same
-open transaction while the broker's confirms come in, and commits only once every confirm is in
-(a nack or a confirm timeout rolls the marks back). Rows of one connection's transactions carry
+SKIP LOCKED``, publishes them through one confirmed channel while PostgreSQL marks them
+published in the same open transaction, and commits only once every confirm is in (a nack or a
+confirm timeout rolls the marks back). Rows of one connection's transactions carry
 increasing ids (identity values are taken in statement order, and a later transaction starts
 after the earlier one committed), so per queue they go out in commit order. Several relays
 share the work queue by queue; none ever waits for another.
