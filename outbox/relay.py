@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json import JSONDecoder
@@ -148,6 +148,7 @@ class Relay:
                     self.wait_for_rows(self.settings.poll_interval)
         finally:
             self.reset()
+            self._marker.shutdown()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -175,7 +176,10 @@ class Relay:
                     try:
                         self.publish(queue, rows)
                     finally:
-                        marked = marking.result()  # the connection is free again
+                        # The connection is free again before the transaction ends; a failed
+                        # publish is the error raised, not what the mark may raise after it.
+                        wait([marking])
+                    marked = marking.result()
                     self.publisher().wait(0)
                     return marked
                 return 0
